@@ -1,0 +1,113 @@
+"""The ``flowalign`` command: generate | evaluate | toy build | rewards list.
+
+Errors a user can fix (bad config, missing file, unknown reward) print one line and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _cmd_generate(args: argparse.Namespace) -> None:
+    from .config import ConfigError
+    from .generators import load_generator
+    from .inference import generate, save_grid
+
+    prompts = list(args.prompt or [])
+    if args.prompt_file:
+        path = Path(args.prompt_file)
+        if not path.is_file():
+            raise ConfigError(f"--prompt-file: file '{path}' not found")
+        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ConfigError("generate: give at least one --prompt or a --prompt-file")
+    for name, value, low in (("--num", args.num, 1), ("--steps", args.steps, 1)):
+        if value is not None and value < low:
+            raise ConfigError(f"{name}: expected an integer >= {low}, got {value}")
+    generator = load_generator(args.model, args.dtype, local_files_only=args.local_files_only)
+    batch = [p for p in prompts for _ in range(args.num)]
+    media = generate(generator, batch, steps=args.steps, guidance=args.guidance, seed=args.seed,
+                     negative_prompt=args.negative_prompt)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_grid(media, out, nrow=args.num if len(prompts) > 1 else min(args.num, 10))
+    print(f"wrote {len(batch)} samples to {out}")
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> None:
+    from .config import load_config
+    from .evaluate import evaluate
+
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config:  # no config file, only overrides
+        config, overrides = None, [config, *overrides]
+    evaluate(load_config(config, overrides))
+
+
+def _cmd_toy_build(args: argparse.Namespace) -> None:
+    from .toy.build import build_all
+
+    targets = build_all(quick=args.quick, out=Path(args.out) if args.out else None, seed=args.seed)
+    for name, path in targets.items():
+        print(f"{name}: {path}")
+
+
+def _cmd_rewards_list(args: argparse.Namespace) -> None:
+    import rewards
+
+    for name in rewards.available():
+        print(name)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flowalign", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="sample images from a model (ODE, CFG) into a PNG grid")
+    gen.add_argument("--model", default="toy/digits", help="toy/digits, a hub id or a local diffusers folder")
+    gen.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    gen.add_argument("--prompt-file", help="a text file, one prompt per line")
+    gen.add_argument("--num", type=int, default=8, help="samples per prompt")
+    gen.add_argument("--steps", type=int, default=None, help="sampling steps (model default if unset)")
+    gen.add_argument("--guidance", type=float, default=None, help="CFG scale (model default if unset)")
+    gen.add_argument("--negative-prompt", default="")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    gen.add_argument("--local-files-only", action="store_true")
+    gen.add_argument("--out", default="outputs/generate.png")
+    gen.set_defaults(func=_cmd_generate)
+
+    ev = sub.add_parser("evaluate", help="generate for a prompt set and score with rewards (prints a table)")
+    ev.add_argument("config", nargs="?", default=None, help="a YAML config (see configs/)")
+    ev.add_argument("overrides", nargs="*", help="key=value overrides, e.g. sample.steps=30")
+    ev.set_defaults(func=_cmd_evaluate)
+
+    toy = sub.add_parser("toy", help="the embedded toy world").add_subparsers(dest="toy_command", required=True)
+    build = toy.add_parser("build", help="retrain every toy model from scratch (fixed seeds)")
+    build.add_argument("--quick", action="store_true", help="a few steps each (for tests)")
+    build.add_argument("--out", default=None, help="write under this folder instead of the shipped locations")
+    build.add_argument("--seed", type=int, default=0)
+    build.set_defaults(func=_cmd_toy_build)
+
+    rw = sub.add_parser("rewards", help="reward models").add_subparsers(dest="rewards_command", required=True)
+    rw.add_parser("list", help="every reward name rewards.load accepts").set_defaults(func=_cmd_rewards_list)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rewards import RewardError
+
+    from .errors import FlowalignError
+
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (FlowalignError, RewardError) as err:
+        print(f"flowalign: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""Typed configs loaded from YAML, with ``key.sub=value`` overrides from the command line.
+
+Every field is a dataclass field with a type hint; ``field(metadata=...)`` adds ``min`` / ``max`` bounds,
+``choices`` or ``must_exist`` (a path). Bad input raises ``ConfigError`` with one line that names the
+field and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .errors import FlowalignError
+
+
+class ConfigError(FlowalignError):
+    """A config value, key or file is wrong; the message names it."""
+
+
+def bounded(default, *, min=None, max=None, must_exist: bool = False, doc: str = ""):  # noqa: A002
+    """A dataclass field with validation metadata."""
+    factory = isinstance(default, (list, dict))
+    kw = {"default_factory": (lambda: type(default)(default))} if factory else {"default": default}
+    return field(metadata={"min": min, "max": max, "must_exist": must_exist, "doc": doc}, **kw)
+
+
+@dataclass
+class ModelConfig:
+    name: str = bounded("toy/digits", doc="toy/digits, a hub id or a local diffusers folder")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    local_files_only: bool = False
+
+
+@dataclass
+class SampleConfig:
+    steps: int = bounded(20, min=1, max=1000)
+    guidance: float = bounded(3.0, min=0.0, max=100.0)
+    negative_prompt: str = ""
+    batch_size: int = bounded(250, min=1)
+    seed: int = bounded(0, min=0)
+
+
+@dataclass
+class EvalConfig:
+    prompts: list[str] = bounded([], doc="explicit prompts")
+    prompt_file: str | None = bounded(None, must_exist=True, doc="a text file, one prompt per line")
+    toy_prompts: int = bounded(0, min=0, doc="N toy digit prompts, digits balanced, templates seeded")
+    samples_per_prompt: int = bounded(1, min=1)
+    rewards: list[str] = bounded(["toy/digit_match", "toy/classifier"])
+    grid_size: int = bounded(100, min=0, doc="how many samples the PNG grid shows")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output_dir: str = "outputs/run"
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), cls: type = RunConfig):
+    """Read a YAML file (or start from defaults), apply ``a.b=value`` overrides, and validate."""
+    data: dict = {}
+    where = "config"
+    if path is not None:
+        path = Path(path)
+        where = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            line = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}:{line} is not valid YAML ({getattr(err, 'problem', err)})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {type(data).__name__}")
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override '{item}': expected key=value, e.g. sample.steps=30")
+        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    return from_dict(cls, data, where)
+
+
+def _set_dotted(data: dict, key: str, value: Any) -> None:
+    *parents, last = key.split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{key}': '{part}' is not a section")
+    node[last] = value
+
+
+def from_dict(cls: type, data: dict, where: str = "config", prefix: str = ""):
+    """Build dataclass ``cls`` from ``data``, checking keys, types and bounds."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: {prefix.rstrip('.') or 'top level'}: expected a section (mapping), got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        raise ConfigError(f"{where}: unknown key '{prefix}{unknown[0]}' (allowed in "
+                          f"{prefix.rstrip('.') or 'top level'}: {', '.join(fields)})")
+    values = {}
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        typ = hints[name]
+        if dataclasses.is_dataclass(typ):
+            values[name] = from_dict(typ, value, where, key + ".")
+        else:
+            values[name] = _check(_convert(value, typ, where, key), fields[name].metadata, where, key)
+    return cls(**values)
+
+
+def _describe(typ) -> str:
+    origin, args = typing.get_origin(typ), typing.get_args(typ)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _describe(a) for a in args)
+    if origin is list:
+        return f"a list of {_describe(args[0])}"
+    if origin is dict:
+        return f"a mapping of {_describe(args[0])} to {_describe(args[1])}"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(typ, str(typ))
+
+
+def _convert(value, typ, where: str, key: str):
+    """``value`` as ``typ``, or a ConfigError naming ``key`` and the expected type."""
+    origin, args = typing.get_origin(typ), typing.get_args(typ)
+    fail = ConfigError(f"{where}: {key}: expected {_describe(typ)}, got {value!r}")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _convert(value, arg, where, key)
+            except ConfigError:
+                pass
+        raise fail
+    if origin is Literal:
+        if value in args:
+            return value
+        raise fail
+    if origin is list:
+        if isinstance(value, str) and args[0] is str:  # a comma-separated override: a,b,c
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise fail
+        return [_convert(v, args[0], where, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise fail
+        return {_convert(k, args[0], where, key): _convert(v, args[1], where, f"{key}.{k}") for k, v in value.items()}
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise fail
+    if typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise fail
+    if typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML 1.1 reads 1e-4 as a string
+            except ValueError:
+                pass
+        raise fail
+    if typ is str:
+        if isinstance(value, str):
+            return value
+        raise fail
+    return value
+
+
+def _check(value, meta, where: str, key: str):
+    lo, hi = meta.get("min"), meta.get("max")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            allowed = f">= {lo}" if hi is None else (f"<= {hi}" if lo is None else f"in [{lo}, {hi}]")
+            raise ConfigError(f"{where}: {key}: {value} is out of range (allowed: {allowed})")
+    if meta.get("must_exist") and value is not None and not Path(value).exists():
+        raise ConfigError(f"{where}: {key}: file '{value}' not found")
+    return value

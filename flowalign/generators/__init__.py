@@ -1,0 +1,53 @@
+"""Generator adapters behind one interface; ``load_generator`` picks one from a name, hub id or folder."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..errors import FlowalignError
+from .base import Conditioning, Generator
+
+__all__ = ["Conditioning", "Generator", "load_generator"]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_generator(name_or_path: str = "toy/digits", dtype: str | torch.dtype = "float32",
+                   device: str | None = None, local_files_only: bool = False) -> Generator:
+    """``toy/digits`` (shipped), a toy folder, or a diffusers pipeline (hub id or local directory)."""
+    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    if name_or_path == "toy/digits" or (Path(name_or_path) / "text_encoder" / "config.json").is_file() \
+            and not (Path(name_or_path) / "model_index.json").is_file():
+        from .toy_digits import SHIPPED, ToyDigitsGenerator
+
+        return ToyDigitsGenerator.from_pretrained(SHIPPED if name_or_path == "toy/digits" else name_or_path,
+                                                  device=device, dtype=dtype)
+    if name_or_path.startswith("toy/"):
+        raise FlowalignError(f"model '{name_or_path}': unknown toy model (available: toy/digits)")
+    pipeline_class = _pipeline_class(name_or_path, local_files_only)
+    if pipeline_class == "StableDiffusion3Pipeline":
+        from .sd3 import SD3Generator
+
+        return SD3Generator.from_pretrained(name_or_path, dtype=dtype, device=device,
+                                            local_files_only=local_files_only)
+    raise FlowalignError(f"model '{name_or_path}': pipeline class {pipeline_class} has no adapter yet "
+                         "(supported: StableDiffusion3Pipeline, toy/digits)")
+
+
+def _pipeline_class(name_or_path: str, local_files_only: bool) -> str:
+    """The ``_class_name`` in a pipeline's ``model_index.json`` (local folder or hub id)."""
+    import json
+
+    index = Path(name_or_path) / "model_index.json"
+    if not index.is_file():
+        if Path(name_or_path).exists() or name_or_path.startswith((".", "/")):
+            raise FlowalignError(f"model '{name_or_path}': no model_index.json there "
+                                 "(expected a diffusers pipeline folder, a hub id or toy/digits)")
+        from huggingface_hub import hf_hub_download
+
+        try:
+            index = Path(hf_hub_download(name_or_path, "model_index.json", local_files_only=local_files_only))
+        except Exception as err:  # network, missing repo, offline cache miss
+            raise FlowalignError(f"model '{name_or_path}': cannot read model_index.json ({type(err).__name__})") from None
+    return json.loads(index.read_text()).get("_class_name", "?")

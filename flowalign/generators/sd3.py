@@ -1,0 +1,135 @@
+"""Stable Diffusion 3 / 3.5 behind the Generator interface, wrapping a diffusers ``StableDiffusion3Pipeline``."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+from torch import nn
+
+from ..errors import FlowalignError
+from .base import Conditioning, Generator
+
+
+class SD3Generator(Generator):
+    """SD3(.5): MMDiT transformer, CLIP-L + CLIP-G (+ optional T5) text encoders, 16-channel VAE."""
+
+    modality = "image"
+    #: ``StableDiffusion3Pipeline.__call__`` defaults (SD3.5 medium's model card uses 40 steps / 4.5).
+    default_steps = 28
+    default_guidance = 7.0
+    #: Flow-GRPO's LoRA targets: the joint attention of every MMDiT block.
+    lora_target_modules = ["attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
+                           "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v"]
+
+    def __init__(self, pipe: StableDiffusion3Pipeline, device: torch.device | str = "cpu",
+                 height: int | None = None, width: int | None = None, max_sequence_length: int = 256):
+        self.pipe = pipe.to(device)
+        for module in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
+            if module is not None:
+                module.eval().requires_grad_(False)
+        self._device = torch.device(device)
+        default_size = pipe.transformer.config.sample_size * pipe.vae_scale_factor
+        self.height = height or default_size
+        self.width = width or default_size
+        self.max_sequence_length = max_sequence_length
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32,
+                        device: torch.device | str | None = None, local_files_only: bool = False,
+                        **kwargs) -> "SD3Generator":
+        """Load a hub id or a local pipeline directory; ``kwargs`` go to the constructor (height, width, ...)."""
+        pipe = _load_pipeline(str(path), dtype, local_files_only)
+        if device is None:
+            from accelerate import PartialState
+            device = PartialState().device
+        return cls(pipe, device, **kwargs)
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pipe.transformer.dtype
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        scale = self.pipe.vae_scale_factor
+        return (self.pipe.transformer.config.in_channels, self.height // scale, self.width // scale)
+
+    @property
+    def trainable_module(self) -> nn.Module:
+        return self.pipe.transformer
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str], negative_prompt: str | list[str] | None = "") -> Conditioning:
+        """CLIP-L, CLIP-G and T5 embeddings (T5 zeros when ``text_encoder_3`` is None), as the pipeline builds them."""
+        prompts = list(prompts)
+        if isinstance(negative_prompt, str):
+            negative_prompt = [negative_prompt] * len(prompts)
+        embeds, neg_embeds, pooled, neg_pooled = self.pipe.encode_prompt(
+            prompt=prompts, prompt_2=None, prompt_3=None, device=self.device,
+            do_classifier_free_guidance=negative_prompt is not None, negative_prompt=negative_prompt,
+            max_sequence_length=self.max_sequence_length)
+        negative = None
+        if negative_prompt is not None:
+            negative = {"prompt_embeds": neg_embeds, "pooled": neg_pooled}
+        return Conditioning(prompts, {"prompt_embeds": embeds, "pooled": pooled}, negative)
+
+    def predict(self, x: torch.Tensor, sigma: torch.Tensor, embeds: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The transformer's output as is: SD3 is trained on rectified flow and already predicts ``ε - x0``."""
+        transformer = self.pipe.transformer
+        dtype = transformer.dtype
+        timestep = sigma.float() * self.pipe.scheduler.config.num_train_timesteps
+        out = transformer(hidden_states=x.to(dtype), timestep=timestep,
+                          encoder_hidden_states=embeds["prompt_embeds"].to(dtype),
+                          pooled_projections=embeds["pooled"].to(dtype), return_dict=False)[0]
+        return out.float()
+
+    def sigmas(self, num_steps: int) -> torch.Tensor:
+        """The pipeline's own schedule (shift, dynamic shifting), ``num_steps + 1`` values ending at 0."""
+        config = self.pipe.scheduler.config
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
+        mu = None
+        if config.get("use_dynamic_shifting", None):
+            mu = calculate_shift(self._image_seq_len(), config.get("base_image_seq_len", 256),
+                                 config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                                 config.get("max_shift", 1.16))
+        scheduler.set_timesteps(num_steps, mu=mu)
+        return scheduler.sigmas.to(self.device, torch.float32)
+
+    def _image_seq_len(self) -> int:
+        """Number of image tokens the transformer sees (the length dynamic shifting depends on)."""
+        patch = self.pipe.transformer.config.patch_size
+        _, h, w = self.latent_shape
+        return (h // patch) * (w // patch)
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Latents -> VAE -> RGB images ``[B,3,H,W]`` in [0,1], float32."""
+        vae = self.pipe.vae
+        latents = x.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+        images = vae.decode(latents, return_dict=False)[0]
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
+def _load_pipeline(path: str, dtype: torch.dtype, local_files_only: bool) -> StableDiffusion3Pipeline:
+    """``StableDiffusion3Pipeline.from_pretrained``, with a one-line FlowalignError when nothing is found."""
+    expected = "expected a hub id or a directory with model_index.json"
+    if Path(path).is_dir():
+        if not (Path(path) / "model_index.json").is_file():
+            raise FlowalignError(f"SD3 model '{path}': no model_index.json in this directory ({expected})")
+        return _from_pretrained(path, dtype, local_files_only)
+    try:
+        return _from_pretrained(path, dtype, local_files_only)
+    except (OSError, ValueError) as err:  # not on the hub / not cached offline / not a valid repo id
+        raise FlowalignError(f"SD3 model '{path}': not found ({expected}; {type(err).__name__})") from None
+
+
+def _from_pretrained(path: str, dtype: torch.dtype, local_files_only: bool) -> StableDiffusion3Pipeline:
+    """``torch_dtype`` works in every supported diffusers; 0.42 renames it ``dtype`` and warns, so mute that."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
+        return StableDiffusion3Pipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=local_files_only)

@@ -1,0 +1,47 @@
+"""``flowalign toy build``: retrain every toy model from scratch with fixed seeds and write the weights."""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+from rewards.toy import WEIGHTS as REWARD_WEIGHTS
+
+from ..generators.toy_digits import SHIPPED as DIGITS_WEIGHTS
+
+
+def _replace(built: Path, target: Path) -> None:
+    """Swap a freshly written folder into place, so a crash never leaves half a model behind."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    old = target.with_name(target.name + ".old")
+    if target.exists():
+        target.rename(old)
+    shutil.move(str(built), str(target))
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def build_all(quick: bool = False, out: Path | None = None, seed: int = 0, print_fn=print) -> dict[str, Path]:
+    """Train the digits flow model, the classifier and the tiny CLIP; ``quick`` trains a few steps only (tests).
+
+    ``out`` writes everything under one folder instead of the shipped locations.
+    """
+    from .clip import train_clip
+    from .digits_flow import FlowTrainConfig, train_digits_flow
+    from .train_classifier import train_classifier
+
+    targets = {"digits": DIGITS_WEIGHTS, "classifier": REWARD_WEIGHTS / "classifier", "clip": REWARD_WEIGHTS / "clip"}
+    if out is not None:
+        targets = {name: Path(out) / name for name in targets}
+    steps = {"flow": 5000, "classifier": 1500, "clip": 1500} if not quick else {"flow": 10, "classifier": 40, "clip": 40}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        acc = train_classifier(tmp / "classifier", steps=steps["classifier"], seed=seed)
+        print_fn(f"classifier: held-out accuracy {acc:.3f}")
+        _replace(tmp / "classifier", targets["classifier"])
+        zero_shot = train_clip(tmp / "clip", steps=steps["clip"], seed=seed)
+        print_fn(f"tiny CLIP: held-out zero-shot accuracy {zero_shot:.3f}")
+        _replace(tmp / "clip", targets["clip"])
+        train_digits_flow(tmp / "digits", FlowTrainConfig(steps=steps["flow"], lr=5e-4, seed=seed))
+        print_fn("digits flow model: trained")
+        _replace(tmp / "digits", targets["digits"])
+    return targets

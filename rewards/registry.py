@@ -1,0 +1,75 @@
+"""Reward registry: built-in names, third-party rewards through the ``flowalign.rewards`` entry points."""
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import entry_points
+from typing import Callable
+
+from .base import CompositeReward, Reward
+
+ENTRY_POINT_GROUP = "flowalign.rewards"
+
+
+class RewardError(Exception):
+    """A reward could not be loaded or given the input asked of it (one line, naming the reward)."""
+
+
+def _toy_clipscore(**kw) -> Reward:
+    from .clip_score import OpenCLIPScore
+    from .toy import WEIGHTS
+
+    reward = OpenCLIPScore(model=str(kw.pop("path", WEIGHTS / "clip")), **kw)
+    reward.name = "toy/clipscore"
+    return reward
+
+
+#: Built-in rewards: name -> "module:factory" (imported only when asked for) or a factory.
+BUILTIN: dict[str, str | Callable[..., Reward]] = {
+    "toy/classifier": "rewards.toy.classifier:DigitClassifierReward",
+    "toy/digit_match": "rewards.toy.classifier:DigitMatchReward",
+    "toy/ink": "rewards.toy.attributes:InkReward",
+    "toy/bold": "rewards.toy.attributes:InkReward",
+    "toy/size": "rewards.toy.attributes:SizeReward",
+    "toy/centered": "rewards.toy.attributes:CenteredReward",
+    "toy/symmetry": "rewards.toy.attributes:SymmetryReward",
+    "toy/clipscore": _toy_clipscore,
+    "clipscore": "rewards.clip_score:OpenCLIPScore",
+}
+
+
+def _resolve(target: str | Callable[..., Reward]) -> Callable[..., Reward]:
+    if callable(target):
+        return target
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def _plugins() -> dict[str, object]:
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def available() -> list[str]:
+    """Every reward name ``load`` accepts: built-ins and installed plug-ins."""
+    return sorted(set(BUILTIN) | set(_plugins()))
+
+
+def load(name: str, **kwargs) -> Reward:
+    """A reward by name (``rewards.load("toy/classifier")``); keyword arguments go to its constructor."""
+    if name in BUILTIN:
+        factory = _resolve(BUILTIN[name])
+    elif name in (plugins := _plugins()):
+        factory = plugins[name].load()
+    else:
+        raise RewardError(f"reward '{name}': unknown (available: {', '.join(available())})")
+    try:
+        reward = factory(**kwargs)
+    except (OSError, ValueError, TypeError, RuntimeError) as err:
+        raise RewardError(f"reward '{name}': cannot load ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+    if getattr(reward, "name", "reward") == "reward":
+        reward.name = name
+    return reward
+
+
+def load_weighted(weights: dict[str, float], **kwargs) -> CompositeReward:
+    """A weighted composite of named rewards, e.g. ``{"toy/classifier": 1.0, "toy/ink": 0.2}``."""
+    return CompositeReward({n: load(n, **kwargs.get(n, {})) for n in weights}, weights)

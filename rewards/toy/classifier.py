@@ -1,0 +1,78 @@
+"""The toy digit classifier (a small CNN on 16x16 digits) and the rewards it judges with."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..base import InputSpec, Reward
+from . import WEIGHTS
+from .digits import target_digits
+
+
+class DigitClassifier(nn.Module):
+    """Grey images ``[B,1,16,16]`` in [-1,1] -> logits over the ten digits."""
+
+    def __init__(self, width: int = 32):
+        super().__init__()
+        self.config = dict(width=width)
+        self.net = nn.Sequential(
+            nn.Conv2d(1, width, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.SiLU(),
+            nn.Conv2d(2 * width, 2 * width, 3, stride=2, padding=1), nn.SiLU(),
+            nn.Flatten(), nn.Dropout(0.2), nn.Linear(2 * width * 16, 10))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "config.json").write_text(json.dumps(self.config))
+        save_file(self.state_dict(), directory / "model.safetensors")
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> "DigitClassifier":
+        directory = Path(directory)
+        model = cls(**json.loads((directory / "config.json").read_text()))
+        model.load_state_dict(load_file(directory / "model.safetensors"))
+        return model.eval()
+
+
+def to_grey(images: torch.Tensor) -> torch.Tensor:
+    """RGB ``[B,3,H,W]`` in [0,1] -> the classifier's grey ``[B,1,16,16]`` in [-1,1]."""
+    grey = images.mean(dim=1, keepdim=True)
+    if grey.shape[-2:] != (16, 16):
+        grey = torch.nn.functional.interpolate(grey, size=(16, 16), mode="bilinear", antialias=True)
+    return grey * 2 - 1
+
+
+class DigitClassifierReward(Reward):
+    """Probability the classifier gives to the prompted digit (differentiable)."""
+
+    name = "toy/classifier"
+    differentiable = True
+    input_spec = InputSpec(range=(0.0, 1.0), layout="BCHW", size=(16, 16))
+
+    def __init__(self, path: str | Path | None = None):
+        super().__init__()
+        self.model = DigitClassifier.from_pretrained(path or WEIGHTS / "classifier").requires_grad_(False)
+
+    def _score(self, media, prompts, metadata):
+        targets = torch.tensor(target_digits(prompts, metadata), device=media.device)
+        probs = self.model(to_grey(media)).softmax(-1)
+        return probs.gather(1, targets[:, None]).squeeze(1)
+
+
+class DigitMatchReward(DigitClassifierReward):
+    """1 when the classifier's top label is the prompted digit, else 0 (accuracy; not differentiable)."""
+
+    name = "toy/digit_match"
+    differentiable = False
+
+    def _score(self, media, prompts, metadata):
+        targets = torch.tensor(target_digits(prompts, metadata), device=media.device)
+        return (self.model(to_grey(media)).argmax(-1) == targets).float()

@@ -1,0 +1,71 @@
+"""Configs: typed loading, overrides, and one clear line for every kind of bad input."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flowalign.config import ConfigError, RunConfig, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_shipped_configs_load():
+    for path in (ROOT / "configs").rglob("*.yaml"):
+        if "accelerate" not in path.parts:
+            assert isinstance(load_config(path), RunConfig)
+
+
+def test_overrides_are_typed(tmp_path):
+    cfg = load_config(write(tmp_path, "sample:\n  steps: 10\n"),
+                      ["sample.steps=30", "sample.guidance=1e-1", "eval.rewards=toy/ink,toy/size", "model.dtype=bfloat16"])
+    assert cfg.sample.steps == 30 and cfg.sample.guidance == pytest.approx(0.1)
+    assert cfg.eval.rewards == ["toy/ink", "toy/size"] and cfg.model.dtype == "bfloat16"
+
+
+@pytest.mark.parametrize("text, overrides, expected", [
+    ("sample:\n  stepz: 3\n", [], "unknown key 'sample.stepz'"),
+    ("bogus: 1\n", [], "unknown key 'bogus'"),
+    ("sample:\n  steps: abc\n", [], "sample.steps: expected an integer, got 'abc'"),
+    ("sample:\n  steps: 2.5\n", [], "sample.steps: expected an integer"),
+    ("model:\n  local_files_only: 3\n", [], "model.local_files_only: expected true or false"),
+    ("sample:\n  steps: 0\n", [], "sample.steps: 0 is out of range (allowed: in [1, 1000])"),
+    ("model:\n  dtype: fp8\n", [], "model.dtype: expected one of 'float32', 'bfloat16', 'float16'"),
+    ("eval:\n  prompt_file: no/such/file.txt\n", [], "eval.prompt_file: file 'no/such/file.txt' not found"),
+    ("sample: 3\n", [], "sample: expected a section"),
+    ("sample: [1, 2\n", [], "is not valid YAML"),
+    ("", ["sample.guidance=-1"], "sample.guidance: -1.0 is out of range"),
+    ("", ["justakey"], "override 'justakey': expected key=value"),
+])
+def test_bad_input_names_the_field(tmp_path, text, overrides, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, text), overrides)
+    message = str(err.value)
+    assert expected in message and "\n" not in message
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="config file 'nope.yaml' not found"):
+        load_config("nope.yaml")
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["evaluate", "{tmp}/c.yaml"], "unknown key 'sample.stepz'"),
+    (["evaluate", "configs/toy/digits_demo.yaml", "sample.steps=many"], "sample.steps: expected an integer"),
+    (["evaluate", "missing.yaml"], "config file 'missing.yaml' not found"),
+    (["generate", "--prompt", "a seven", "--model", "/no/such/model"], "no model_index.json there"),
+])
+def test_cli_prints_one_line_not_a_traceback(tmp_path, args, expected):
+    write(tmp_path, "sample:\n  stepz: 3\n")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    proc = subprocess.run([sys.executable, "-m", "flowalign", *args], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("flowalign: error:")]
+    assert len(lines) == 1 and expected in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
