@@ -112,3 +112,18 @@ def test_missing_directory_is_a_flowalign_error(tmp_path):
         SD3Generator.from_pretrained(missing, local_files_only=True)
     with pytest.raises(FlowalignError, match="model_index.json"):
         SD3Generator.from_pretrained(tmp_path, local_files_only=True)
+
+
+def test_user_path_load_generator_and_cli(tiny_dir, tmp_path):
+    """The path a user's real checkpoint takes: load_generator on a folder, flowalign.generate, the CLI."""
+    import flowalign
+    from flowalign.cli import main
+
+    loaded = flowalign.load_generator(str(tiny_dir), local_files_only=True, device="cpu")
+    assert isinstance(loaded, SD3Generator)
+    images = flowalign.generate(loaded, PROMPTS, steps=STEPS, guidance=GUIDANCE, seed=3)
+    torch.testing.assert_close(images, euler(loaded, noise(loaded, 3)), rtol=1e-5, atol=1e-5)
+    out = tmp_path / "sd3.png"
+    assert main(["generate", "--model", str(tiny_dir), "--local-files-only", "--prompt", "a cat", "--num", "2",
+                 "--steps", "2", "--out", str(out)]) == 0
+    assert out.stat().st_size > 0

@@ -5,9 +5,10 @@ import warnings
 from pathlib import Path
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
-from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+from diffusers import StableDiffusion3Pipeline
 from torch import nn
+
+from samplers.timegrid import from_scheduler_config
 
 from ..errors import FlowalignError
 from .base import Conditioning, Generator
@@ -91,15 +92,7 @@ class SD3Generator(Generator):
 
     def sigmas(self, num_steps: int) -> torch.Tensor:
         """The pipeline's own schedule (shift, dynamic shifting), ``num_steps + 1`` values ending at 0."""
-        config = self.pipe.scheduler.config
-        scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
-        mu = None
-        if config.get("use_dynamic_shifting", None):
-            mu = calculate_shift(self._image_seq_len(), config.get("base_image_seq_len", 256),
-                                 config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
-                                 config.get("max_shift", 1.16))
-        scheduler.set_timesteps(num_steps, mu=mu)
-        return scheduler.sigmas.to(self.device, torch.float32)
+        return from_scheduler_config(self.pipe.scheduler.config, num_steps, self._image_seq_len()).to(self.device)
 
     def _image_seq_len(self) -> int:
         """Number of image tokens the transformer sees (the length dynamic shifting depends on)."""

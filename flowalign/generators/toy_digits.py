@@ -7,6 +7,8 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 from torch import nn
 
+from samplers.timegrid import from_scheduler_config
+
 from ..errors import FlowalignError
 from ..toy.text_encoder import ToyTextEncoder
 from .base import Conditioning, Generator
@@ -84,9 +86,7 @@ class ToyDigitsGenerator(Generator):
         return out.float()
 
     def sigmas(self, num_steps: int) -> torch.Tensor:
-        scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config)
-        scheduler.set_timesteps(num_steps)
-        return scheduler.sigmas.to(self.device, torch.float32)
+        return from_scheduler_config(self.scheduler.config, num_steps).to(self.device)
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Pixels in [-1,1] -> RGB images in [0,1] (grey digits, white ink on black)."""

@@ -1,0 +1,109 @@
+"""Rollout structures: NFEs per scored leaf (vs independent trajectories) and sampler overhead over the
+pure model passes, on the shipped toy digits model.  Run: ``python -m benchmarks.samplers``.
+
+Overhead is measured side by side in one run: the rollout's wall time, then the same model calls
+(same batches, same σ, same conditioning rows) replayed alone; medians over repeats after a warm-up.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import flowalign
+from samplers.kernels import flow_grpo
+from samplers.rollout import run_plan
+from samplers.structures import branches, independent, singular, tree
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def structure_plans(sigmas: torch.Tensor, prompts: int, group: int) -> dict:
+    """Each structure sized to score ``group`` leaves per prompt (or a group per branch point)."""
+    T = len(sigmas) - 1
+    depth = max(1, group.bit_length() - 1)  # binary tree with 2**depth == group leaves
+    return {
+        "independent (Flow-GRPO)": independent(sigmas, prompts, group),
+        "shared-prefix window (Fast)": independent(sigmas, prompts, group, sde_steps=[T // 4, T // 4 + 1],
+                                                   share_prefix=True),
+        "branches (TempFlow)": branches(sigmas, prompts, [0, T // 4, T // 2], num_branches=group),
+        "singular (G2RPO)": singular(sigmas, prompts, [0, T // 4], group_size=group, strides=(1, 2, 3)),
+        "tree (Dynamic-TreeRPO)": tree(sigmas, prompts, list(range(0, 2 * depth, 2)), branching=2),
+    }
+
+
+def time_it(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompts", type=int, default=4)
+    parser.add_argument("--group", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    gen = flowalign.load_generator("toy/digits")
+    prompts = [f"a handwritten {w}" for w in ["one", "two", "three", "four", "five", "six", "seven", "eight"]]
+    cond = gen.encode(prompts[: args.prompts])
+    sigmas = gen.sigmas(args.steps)
+    calls: list[tuple] = []
+
+    @torch.no_grad()
+    def velocity(x, sigma, rows):
+        calls.append((x, sigma, rows))
+        return gen.velocity(x, sigma, cond.select(rows), guidance=gen.default_guidance)
+
+    rows_out, figures = [], {}
+    indep_nfe_per_leaf = None
+    for name, (roots, root_rows) in structure_plans(sigmas, args.prompts, args.group).items():
+        x0 = gen.initial_noise(len(roots), torch.Generator().manual_seed(0))
+
+        def rollout():
+            calls.clear()
+            return run_plan(velocity, roots, root_rows, x0, flow_grpo(0.7), torch.Generator().manual_seed(0))
+
+        result = rollout()
+        recorded = list(calls)
+
+        @torch.no_grad()
+        def replay():
+            for x, sigma, rows in recorded:
+                gen.velocity(x, sigma, cond.select(rows), guidance=gen.default_guidance)
+
+        t_rollout, t_model = time_it(rollout, args.repeats), time_it(replay, args.repeats)
+        per_leaf = result.nfe / result.leaves.shape[0]
+        indep_nfe_per_leaf = indep_nfe_per_leaf or per_leaf
+        figures[name] = {"nfe": result.nfe, "leaves": int(result.leaves.shape[0]), "nfe_per_leaf": per_leaf,
+                         "nfe_per_leaf_vs_independent": per_leaf / indep_nfe_per_leaf,
+                         "transitions": result.num_transitions, "rollout_s": t_rollout, "model_s": t_model,
+                         "overhead": t_rollout / t_model}
+        rows_out.append(f"{name:<30}{result.nfe:>6}{result.leaves.shape[0]:>7}{per_leaf:>10.2f}"
+                        f"{per_leaf / indep_nfe_per_leaf:>9.2f}x{t_rollout * 1e3:>10.1f}{t_model * 1e3:>10.1f}"
+                        f"{t_rollout / t_model:>9.3f}x")
+    worst = max(f["overhead"] for f in figures.values())
+    print(f"toy digits, {args.prompts} prompts, group {args.group}, {args.steps} steps, CFG batched, CPU "
+          f"{torch.get_num_threads()} threads")
+    print(f"{'structure':<30}{'NFE':>6}{'leaves':>7}{'NFE/leaf':>10}{'vs ind.':>10}{'ms':>10}{'model ms':>10}"
+          f"{'overhead':>10}")
+    print("\n".join(rows_out))
+    print(f"headline: sampler wall time / pure model passes, worst structure = {worst:.3f}x")
+    RESULTS.mkdir(exist_ok=True)
+    out = {"args": vars(args), "structures": figures, "worst_overhead": worst}
+    (RESULTS / "samplers.json").write_text(json.dumps(out, indent=2))
+    return out
+
+
+if __name__ == "__main__":
+    main()
