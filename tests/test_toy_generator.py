@@ -29,7 +29,7 @@ def test_cfg_is_one_batched_pass_equal_to_two(toy_generator):
         guided = gen.velocity(x, sigma, cond, guidance=3.0)
         v_c = gen.predict(x, sigma, cond.positive)
         v_u = gen.predict(x, sigma, cond.negative)
-    assert torch.allclose(guided, v_u + 3.0 * (v_c - v_u), atol=1e-5)
+    assert torch.allclose(guided, v_u + 3.0 * (v_c - v_u), atol=1e-4)  # batch-size-dependent fp32 rounding
     assert torch.allclose(gen.velocity(x, sigma, cond, guidance=1.0), v_c)
 
 
@@ -70,9 +70,9 @@ def test_unknown_toy_model_is_one_line():
 
 
 def test_samples_are_the_prompted_digit(toy_generator):
-    """Default steps and CFG: the classifier agrees with the prompt on >= 90% of 200 balanced samples
-    (the README's 500-sample figure comes from `make demo`)."""
-    prompts, digits = sample_prompts(200, seed=123)
+    """The Must-show bar: at default steps and CFG the classifier agrees with the prompt on >= 90% of 500
+    samples with balanced digits (a seed other than the demo's)."""
+    prompts, digits = sample_prompts(500, seed=123)
     media = flowalign.generate(toy_generator, prompts, seed=123)
     match = rewards.load("toy/digit_match").score(media, prompts, [{"digit": d} for d in digits])
     assert match.mean() >= 0.9
