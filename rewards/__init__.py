@@ -2,7 +2,9 @@
 
 Imports nothing of flowalign, so reward plug-ins depend on this package alone.
 """
-from .base import CompositeReward, InputSpec, Reward
-from .registry import RewardError, available, load, load_weighted
+from .base import CompositeReward, InputSpec, PairwiseReward, Reward, SetReward, check_finite
+from .errors import RewardError
+from .registry import available, load, load_weighted
 
-__all__ = ["Reward", "CompositeReward", "InputSpec", "RewardError", "available", "load", "load_weighted"]
+__all__ = ["Reward", "PairwiseReward", "SetReward", "CompositeReward", "InputSpec", "RewardError", "available",
+           "check_finite", "load", "load_weighted"]

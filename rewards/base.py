@@ -1,7 +1,8 @@
-"""The reward protocol (DESIGN.md): pointwise rewards score media for prompts, one number per sample.
+"""The reward protocol (DESIGN.md): pointwise, pairwise and set rewards.
 
-Batching, device and dtype are handled here once, not in every plug-in: a subclass implements
-``_score`` on a chunk that is already on its device and in its dtype.
+Batching, device, dtype and input checks are handled here once, not in every plug-in: a subclass
+implements ``_score`` (or ``_prefer``) on a chunk that is already on its device, in its dtype, and
+checked against its ``input_spec``. A non-finite score is an error naming the sample, never passed on.
 """
 from __future__ import annotations
 
@@ -10,6 +11,12 @@ from typing import Literal
 
 import torch
 from torch import nn
+
+from .errors import RewardError
+
+Modality = Literal["image", "video", "audio"]
+#: The layout each modality's media has (DESIGN.md): image [B,3,H,W], video [B,F,3,H,W], audio [B,C,L].
+LAYOUTS = {"image": "BCHW", "video": "BFCHW", "audio": "BCL"}
 
 
 @dataclass(frozen=True)
@@ -25,53 +32,171 @@ class Reward(nn.Module):
     """A pointwise reward: ``score(media, prompts, metadata) -> Tensor[B]`` (higher is better)."""
 
     name: str = "reward"
-    modality: Literal["image", "video", "audio"] = "image"
+    modality: Modality = "image"
     differentiable: bool = False
     input_spec: InputSpec = InputSpec()
     #: Samples per forward pass; a long batch is cut into chunks of this size.
     batch_size: int = 64
+    #: Check the range of the input (one host sync per call; turn off in a hot loop you trust).
+    check_range: bool = True
 
     def _score(self, media: torch.Tensor, prompts: list[str], metadata: list[dict]) -> torch.Tensor:
         raise NotImplementedError
 
+    @property
+    def device_dtype(self) -> tuple[torch.device | None, torch.dtype | None]:
+        """Where the reward's weights live (None for a weightless reward: it follows its input)."""
+        param = next(self.parameters(), None)
+        if param is None:
+            return None, None
+        return param.device, (param.dtype if param.is_floating_point() else None)
+
+    def check_media(self, media) -> None:
+        """One clear line when the media are not what this reward takes (type, layout, channels, range)."""
+        layout = LAYOUTS.get(self.modality, self.input_spec.layout)
+        if not isinstance(media, torch.Tensor):
+            raise RewardError(f"reward {self.name}: expected a tensor of {self.modality} media, got {type(media).__name__}")
+        if not media.is_floating_point():
+            raise RewardError(f"reward {self.name}: expected floating-point media, got {media.dtype}")
+        if media.ndim != len(layout):
+            raise RewardError(f"reward {self.name}: expected {self.modality} media of layout {layout} "
+                              f"({len(layout)} dims), got shape {tuple(media.shape)}")
+        if "C" in layout and self.modality != "audio" and media.shape[layout.index("C")] != 3:
+            raise RewardError(f"reward {self.name}: expected 3 colour channels in {layout}, got shape {tuple(media.shape)}")
+        if self.check_range and media.numel():
+            lo, hi = self.input_spec.range
+            low, high = torch.aminmax(media.detach())
+            if low.item() < lo - 1e-3 or high.item() > hi + 1e-3:
+                raise RewardError(f"reward {self.name}: expected values in [{lo}, {hi}], got [{low.item():.3g}, "
+                                  f"{high.item():.3g}]")
+
     def score(self, media: torch.Tensor, prompts: list[str] | None = None,
               metadata: list[dict] | None = None) -> torch.Tensor:
         """Score a batch; gradients flow to ``media`` when the reward is differentiable."""
+        self.check_media(media)
         n = media.shape[0]
         prompts = list(prompts) if prompts is not None else [""] * n
         metadata = list(metadata) if metadata is not None else [{} for _ in range(n)]
         if len(prompts) != n or len(metadata) != n:
-            raise ValueError(f"reward {self.name}: {n} samples but {len(prompts)} prompts, {len(metadata)} metadata")
-        param = next(self.parameters(), None)
-        device = param.device if param is not None else media.device
-        dtype = param.dtype if param is not None and param.is_floating_point() else media.dtype
+            raise RewardError(f"reward {self.name}: {n} samples but {len(prompts)} prompts, {len(metadata)} metadata")
+        device, dtype = self.device_dtype
+        device, dtype = device or media.device, dtype or media.dtype
         grad = torch.enable_grad() if self.differentiable and media.requires_grad else torch.no_grad()
         with grad:
             chunks = [self._score(media[i:i + self.batch_size].to(device, dtype), prompts[i:i + self.batch_size],
                                   metadata[i:i + self.batch_size]) for i in range(0, n, self.batch_size)]
-        return torch.cat(chunks).float().to(media.device)
+        scores = torch.cat(chunks).float().to(media.device)
+        return check_finite(scores, self.name)
 
     def forward(self, media: torch.Tensor, prompts: list[str] | None = None,
                 metadata: list[dict] | None = None) -> torch.Tensor:
         return self.score(media, prompts, metadata)
 
 
-class CompositeReward(Reward):
-    """A weighted sum of rewards (each may be normalised first by the caller)."""
+def check_finite(scores: torch.Tensor, name: str) -> torch.Tensor:
+    """Raise on a NaN or infinite score, naming the first offending sample (one host sync)."""
+    bad = ~torch.isfinite(scores.detach())
+    if bad.any().item():
+        index = int(bad.nonzero()[0, 0])
+        raise RewardError(f"reward {name}: non-finite score {scores[index].item()} for sample {index} "
+                          f"({int(bad.sum())} of {scores.numel()} non-finite)")
+    return scores
 
-    def __init__(self, rewards: dict[str, Reward], weights: dict[str, float]):
+
+class PairwiseReward(Reward):
+    """A preference model: ``prefer(a, b, prompts) -> P(a ≻ b)`` per pair, in [0, 1].
+
+    As a pointwise reward (``score``), each sample's win rate against the others of its group (Pref-GRPO,
+    grpo_family.md §7): every unordered pair is judged once, a tie counts 0.5 for each side.
+    ``metadata[i]["group"]`` names the group (default: all samples form one group)."""
+
+    def _prefer(self, a: torch.Tensor, b: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def prefer(self, a: torch.Tensor, b: torch.Tensor, prompts: list[str] | None = None) -> torch.Tensor:
+        self.check_media(a)
+        self.check_media(b)
+        if a.shape != b.shape:
+            raise RewardError(f"reward {self.name}: pairs need equal shapes, got {tuple(a.shape)} and {tuple(b.shape)}")
+        prompts = list(prompts) if prompts is not None else [""] * a.shape[0]
+        device, dtype = self.device_dtype
+        device, dtype = device or a.device, dtype or a.dtype
+        grad = torch.enable_grad() if self.differentiable and (a.requires_grad or b.requires_grad) else torch.no_grad()
+        with grad:
+            chunks = [self._prefer(a[i:i + self.batch_size].to(device, dtype), b[i:i + self.batch_size].to(device, dtype),
+                                   prompts[i:i + self.batch_size]) for i in range(0, a.shape[0], self.batch_size)]
+        return check_finite(torch.cat(chunks).float().to(a.device), self.name)
+
+    def score(self, media, prompts=None, metadata=None) -> torch.Tensor:
+        n = media.shape[0]
+        prompts = list(prompts) if prompts is not None else [""] * n
+        groups = [m.get("group", 0) for m in metadata] if metadata is not None else [0] * n
+        left, right = [], []
+        for i in range(n):
+            for j in range(i + 1, n):
+                if groups[i] == groups[j]:
+                    left.append(i)
+                    right.append(j)
+        if not left:
+            return torch.full((n,), 0.5, device=media.device)
+        li, ri = torch.tensor(left, device=media.device), torch.tensor(right, device=media.device)
+        p = self.prefer(media[li], media[ri], [prompts[i] for i in left])
+        wins = torch.zeros(n, device=media.device).index_add(0, li, p).index_add(0, ri, 1 - p)
+        games = torch.zeros(n, device=media.device).index_add(0, li, torch.ones_like(p)).index_add(0, ri, torch.ones_like(p))
+        return wins / games.clamp_min(1)
+
+
+class SetReward(Reward):
+    """A reward against a reference set, from embeddings: per sample (instance-to-distribution) through
+    ``score``, and for the whole batch (distribution-to-distribution) through ``score_set``."""
+
+    def embed(self, media: torch.Tensor, prompts: list[str], metadata: list[dict]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def score_set(self, media: torch.Tensor, prompts: list[str] | None = None,
+                  metadata: list[dict] | None = None) -> torch.Tensor:
+        """One number for the whole batch (higher is better)."""
+        raise NotImplementedError
+
+
+class CompositeReward(Reward):
+    """A weighted sum of rewards, each optionally normalised first.
+
+    ``normalize``: ``none``; ``batch`` (z-score within the batch); ``running`` (z-score with running
+    statistics, updated by each call, so scales stay comparable across batches)."""
+
+    def __init__(self, rewards: dict[str, Reward], weights: dict[str, float],
+                 normalize: Literal["none", "batch", "running"] = "none", momentum: float = 0.01):
         super().__init__()
         self.parts = nn.ModuleDict(rewards)
         self.weights = dict(weights)
+        self.normalize, self.momentum = normalize, momentum
         self.name = "+".join(f"{w:g}*{k}" for k, w in self.weights.items())
         self.differentiable = all(r.differentiable for r in rewards.values())
         self.modality = next(iter(rewards.values())).modality
+        self.stats: dict[str, tuple[float, float]] = {}
+
+    def check_media(self, media) -> None:  # each part checks its own input
+        pass
 
     def score_all(self, media: torch.Tensor, prompts: list[str] | None = None,
                   metadata: list[dict] | None = None) -> dict[str, torch.Tensor]:
-        """Every part's score, by name (for logging)."""
+        """Every part's raw score, by name (for logging)."""
         return {k: r.score(media, prompts, metadata) for k, r in self.parts.items()}
+
+    def _normalized(self, name: str, s: torch.Tensor) -> torch.Tensor:
+        if self.normalize == "batch":
+            return (s - s.mean()) / (s.std(unbiased=False) + 1e-6) if s.numel() > 1 else s - s.mean()
+        if self.normalize == "running":
+            mean, var = s.detach().mean().item(), s.detach().var(unbiased=False).item()
+            old = self.stats.get(name)
+            if old is not None:
+                mean = (1 - self.momentum) * old[0] + self.momentum * mean
+                var = (1 - self.momentum) * old[1] + self.momentum * var
+            self.stats[name] = (mean, var)
+            return (s - mean) / (var ** 0.5 + 1e-6)
+        return s
 
     def score(self, media, prompts=None, metadata=None) -> torch.Tensor:
         scores = self.score_all(media, prompts, metadata)
-        return sum(self.weights[k] * s for k, s in scores.items())
+        return sum(self.weights[k] * self._normalized(k, s) for k, s in scores.items())

@@ -6,12 +6,9 @@ from importlib.metadata import entry_points
 from typing import Callable
 
 from .base import CompositeReward, Reward
+from .errors import RewardError
 
 ENTRY_POINT_GROUP = "flowalign.rewards"
-
-
-class RewardError(Exception):
-    """A reward could not be loaded or given the input asked of it (one line, naming the reward)."""
 
 
 def _toy_clipscore(**kw) -> Reward:
@@ -34,6 +31,25 @@ BUILTIN: dict[str, str | Callable[..., Reward]] = {
     "toy/symmetry": "rewards.toy.attributes:SymmetryReward",
     "toy/clipscore": _toy_clipscore,
     "clipscore": "rewards.clip_score:OpenCLIPScore",
+    # image plug-ins on real checkpoints
+    "clipscore-hf": "rewards.hf_clip:HFCLIPScore",
+    "pickscore": "rewards.pickscore:PickScore",
+    "hpsv2": "rewards.hps:HPSv2",
+    "hpsv2.1": "rewards.hps:HPSv21",
+    "aesthetic": "rewards.aesthetic:LaionAesthetic",
+    "imagereward": "rewards.imagereward:ImageReward",
+    # video
+    "video/frames": "rewards.video:FrameAggregatedReward",
+    "video/temporal": "rewards.video:TemporalConsistencyReward",
+    # audio
+    "clap": "rewards.clap:CLAPScore",
+    # distributional
+    "fd": "rewards.distributional:FrechetReward",
+    "vendi": "rewards.distributional:VendiReward",
+    "exemplar": "rewards.distributional:ExemplarReward",
+    # served elsewhere
+    "http": "rewards.remote:HTTPReward",
+    "vlm-judge": "rewards.remote:VLMJudge",
 }
 
 
@@ -70,6 +86,7 @@ def load(name: str, **kwargs) -> Reward:
     return reward
 
 
-def load_weighted(weights: dict[str, float], **kwargs) -> CompositeReward:
-    """A weighted composite of named rewards, e.g. ``{"toy/classifier": 1.0, "toy/ink": 0.2}``."""
-    return CompositeReward({n: load(n, **kwargs.get(n, {})) for n in weights}, weights)
+def load_weighted(weights: dict[str, float], normalize: str = "none", **kwargs) -> CompositeReward:
+    """A weighted composite of named rewards, e.g. ``{"toy/classifier": 1.0, "toy/ink": 0.2}``;
+    ``kwargs[name]`` holds each reward's constructor arguments."""
+    return CompositeReward({n: load(n, **kwargs.get(n, {})) for n in weights}, weights, normalize)

@@ -40,7 +40,7 @@ def test_metadata_digit_overrides_prompt(held_out):
     r = rewards.load("toy/digit_match")
     meta = [{"digit": int(d)} for d in labels[:50]]
     assert r.score(images[:50], ["no digit named here"] * 50, meta).mean() > 0.9
-    with pytest.raises(ValueError, match="names no digit"):
+    with pytest.raises(rewards.RewardError, match="names no digit"):
         r.score(images[:2], ["no digit here"] * 2)
 
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import re
 
+from ..errors import RewardError
+
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 _WORD_TO_DIGIT = {w: i for i, w in enumerate(DIGIT_WORDS)}
 
@@ -23,6 +25,6 @@ def target_digits(prompts: list[str], metadata: list[dict]) -> list[int]:
     for prompt, meta in zip(prompts, metadata):
         digit = meta.get("digit", parse_digit(prompt))
         if digit is None:
-            raise ValueError(f"toy digit reward: prompt {prompt!r} names no digit (and metadata has no 'digit')")
+            raise RewardError(f"toy digit reward: prompt {prompt!r} names no digit (and metadata has no 'digit')")
         targets.append(int(digit))
     return targets
