@@ -76,3 +76,15 @@ class DigitMatchReward(DigitClassifierReward):
     def _score(self, media, prompts, metadata):
         targets = torch.tensor(target_digits(prompts, metadata), device=media.device)
         return (self.model(to_grey(media)).argmax(-1) == targets).float()
+
+
+class BoldDigitReward(DigitClassifierReward):
+    """"Bold digits": the classifier's probability of the prompted digit times the mean ink.
+
+    The shipped model draws the right digit almost always but with thin strokes (mean ink ~0.3), so the
+    reward has room to grow only by drawing bolder while staying the prompted digit."""
+
+    name = "toy/bold_digit"
+
+    def _score(self, media, prompts, metadata):
+        return super()._score(media, prompts, metadata) * media.mean(dim=(1, 2, 3))
