@@ -1,4 +1,4 @@
-"""The ``flowalign`` command: generate | evaluate | toy build | rewards list.
+"""The ``flowalign`` command: train | generate | evaluate | toy build | rewards list.
 
 Errors a user can fix (bad config, missing file, unknown reward) print one line and exit with status 2.
 """
@@ -45,6 +45,15 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     evaluate(load_config(config, overrides))
 
 
+def _cmd_train(args: argparse.Namespace) -> None:
+    from .training.run import train
+
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config:
+        config, overrides = None, [config, *overrides]
+    train(config, overrides, resume=args.resume_from_checkpoint)
+
+
 def _cmd_toy_build(args: argparse.Namespace) -> None:
     from .toy.build import build_all
 
@@ -82,6 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("config", nargs="?", default=None, help="a YAML config (see configs/)")
     ev.add_argument("overrides", nargs="*", help="key=value overrides, e.g. sample.steps=30")
     ev.set_defaults(func=_cmd_evaluate)
+
+    tr = sub.add_parser("train", help="fine-tune with GRPO (Flow-GRPO, DanceGRPO) against rewards")
+    tr.add_argument("config", nargs="?", default=None, help="a YAML config (see configs/)")
+    tr.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=1e-4")
+    tr.add_argument("--resume_from_checkpoint", "--resume-from-checkpoint", default=None,
+                    help="'latest' (the newest checkpoint under output_dir/checkpoints) or a checkpoint folder")
+    tr.set_defaults(func=_cmd_train)
 
     toy = sub.add_parser("toy", help="the embedded toy world").add_subparsers(dest="toy_command", required=True)
     build = toy.add_parser("build", help="retrain every toy model from scratch (fixed seeds)")

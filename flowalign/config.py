@@ -56,10 +56,65 @@ class EvalConfig:
 
 
 @dataclass
+class RewardConfig:
+    weights: dict[str, float] = bounded({"toy/bold_digit": 1.0}, doc="reward name -> weight")
+    normalize: Literal["none", "batch", "running"] = "none"
+    #: A reward that fails (raises, NaN, times out): ``stop`` the run, or ``skip`` the affected samples.
+    on_error: Literal["stop", "skip"] = "stop"
+
+
+@dataclass
+class GRPOConfig:
+    algorithm: Literal["flow_grpo", "dance_grpo"] = "flow_grpo"
+    iterations: int = bounded(40, min=1)
+    prompts_per_iteration: int = bounded(8, min=1, doc="groups per iteration (all processes together)")
+    group_size: int = bounded(8, min=2)
+    prompt_file: str | None = bounded(None, must_exist=True)
+    steps: int = bounded(10, min=2, max=1000, doc="sampling steps of the rollouts")
+    guidance: float = bounded(3.0, min=0.0, max=100.0)
+    cfg: bool = True
+    noise: Literal["flow_grpo", "dance", "cps"] = "flow_grpo"
+    noise_level: float = bounded(0.7, min=0.0, max=10.0)
+    window_size: int = bounded(0, min=0, doc="0: all steps SDE; >0: a random SDE window (Flow-GRPO-Fast)")
+    window_high: int | None = bounded(None, min=1, doc="the window starts below this step (default steps // 2)")
+    timestep_fraction: float = bounded(0.99, min=0.0, max=1.0)
+    random_timesteps: bool = False
+    share_noise: bool = False
+    rollout_batch: int = bounded(64, min=1, doc="samples per model pass while sampling (per process)")
+    train_batch: int = bounded(64, min=1, doc="transitions per training forward (per process)")
+    updates_per_iteration: int = bounded(2, min=1)
+    inner_epochs: int = bounded(1, min=1)
+    old_logp: Literal["rollout", "recompute"] = "rollout"
+    shuffle: bool = True
+    lr: float = bounded(3e-4, min=0.0)
+    weight_decay: float = bounded(1e-4, min=0.0)
+    max_grad_norm: float = bounded(1.0, min=0.0)
+    clip_range: float = bounded(1e-4, min=0.0)
+    adv_clip: float = bounded(5.0, min=0.0)
+    std: Literal["global", "group"] = "global"
+    std_eps: float = bounded(1e-4, min=0.0)
+    unbiased_std: bool = False
+    beta: float = bounded(0.0, min=0.0, doc="KL weight to the LoRA-off base")
+    kl_denominator: Literal["flow_grpo", "gaussian"] = "flow_grpo"
+    lora_rank: int = bounded(32, min=0, doc="0: full fine-tuning")
+    lora_alpha: float = bounded(64.0, min=0.0)
+    ema_decay: float = bounded(0.0, min=0.0, max=1.0)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = bounded(10, min=0)
+    checkpoints_total_limit: int = bounded(3, min=1)
+    eval_prompts: int = bounded(50, min=0, doc="held-out toy prompts for the before/after report")
+    eval_steps: int = bounded(20, min=1)
+    seed: int = bounded(0, min=0)
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    train: GRPOConfig = field(default_factory=GRPOConfig)
     output_dir: str = "outputs/run"
 
 

@@ -62,6 +62,7 @@ class Rollout:
     leaves: torch.Tensor
     leaf_row: torch.Tensor
     leaf_group: torch.Tensor
+    leaf_node: torch.Tensor  # the plan node each leaf ends (index into ``flatten_plan(roots)``)
     # nodes [N]
     node_leaves: torch.Tensor  # bool [N, L]: the leaves below each node
     node_group: torch.Tensor  # [N]
@@ -87,7 +88,8 @@ def _index(nodes: list[Node]) -> dict[int, int]:
     return {id(n): i for i, n in enumerate(nodes)}
 
 
-def _flatten(roots: list[Node]) -> list[Node]:
+def flatten_plan(roots: list[Node]) -> list[Node]:
+    """Every node of a plan, depth first (the order of ``Rollout.leaf_node`` / ``owner`` indices)."""
     out, stack = [], list(reversed(roots))
     while stack:
         node = stack.pop()
@@ -123,9 +125,13 @@ def _ends(node: Node, k: int) -> list[Node]:
 
 def run_plan(velocity: VelocityFn, roots: list[Node], root_rows: torch.Tensor, x_init: torch.Tensor,
              schedule: NoiseSchedule, generator: torch.Generator | None = None,
-             max_batch: int | None = None) -> Rollout:
-    """Execute ``roots`` (one per initial state ``x_init[i]``, conditioning row ``root_rows[i]``)."""
-    nodes = _flatten(roots)
+             max_batch: int | None = None, noise_fn: Callable[[list[Node]], torch.Tensor] | None = None) -> Rollout:
+    """Execute ``roots`` (one per initial state ``x_init[i]``, conditioning row ``root_rows[i]``).
+
+    Noise comes from ``generator``, or from ``noise_fn(target_nodes)`` (one noise per step taken this
+    round), which lets a caller make each trajectory's noise independent of how trajectories are batched
+    or spread over processes."""
+    nodes = flatten_plan(roots)
     node_id = _index(nodes)
     device = x_init.device
     # live states: tensor + (node, position, row) per state
@@ -161,7 +167,7 @@ def run_plan(velocity: VelocityFn, roots: list[Node], root_rows: torch.Tensor, x
         s_next = torch.tensor([st.sigma_next for st in steps], device=device)
         scale = torch.tensor([st.scale for st in steps], device=device)
         mean, std = step_mean(v[p], x[p], s, s_next, schedule, scale)
-        noise = _noise(mean.shape, generator, device)
+        noise = noise_fn([n for n, _ in targets]).to(device) if noise_fn else _noise(mean.shape, generator, device)
         x_next = mean + std.view((-1,) + (1,) * (mean.ndim - 1)) * noise
         stochastic = schedule.kind != "zero" and schedule.level > 0
         trained = [e for e, st in enumerate(steps) if stochastic and st.train and st.scale > 0]  # host-side: no sync
@@ -227,5 +233,6 @@ def _assemble(tr, leaves, leaf_nodes, leaf_rows, roots, nodes, nfe, schedule, x_
         leaves=torch.stack(leaves) if leaves else empty(0, *shape),
         leaf_row=torch.tensor(leaf_rows, dtype=torch.long, device=device),
         leaf_group=_group_ids([nodes[n].leaf_group for n in leaf_nodes]).to(device),
+        leaf_node=torch.tensor(leaf_nodes, dtype=torch.long, device=device),
         node_leaves=below.to(device), node_group=_group_ids([n.node_group for n in nodes]).to(device),
         node_depth=torch.tensor([n.depth for n in nodes], device=device), nfe=nfe, schedule=schedule)

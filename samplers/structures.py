@@ -21,37 +21,42 @@ def _steps(sigmas: torch.Tensor, indices, sde: set[int], train: set[int], scale:
 
 def independent(sigmas: torch.Tensor, num_prompts: int, group_size: int, sde_steps: list[int] | None = None,
                 train_steps: list[int] | None = None, train_fraction: float | None = None,
-                share_prefix: bool = False, rng: random.Random | None = None) -> tuple[list[Node], torch.Tensor]:
+                share_prefix: bool = False, seed: int = 0,
+                select: list[int] | None = None) -> tuple[list[Node], torch.Tensor]:
     """``group_size`` trajectories per prompt, SDE at ``sde_steps`` (default all), ODE elsewhere.
 
     - Flow-GRPO: all steps SDE, ``train_steps`` = the first ``int(T·0.99)`` steps;
-    - DanceGRPO: ``train_fraction`` trains a random subset of ``train_steps`` per sample (``rng``);
+    - DanceGRPO: ``train_fraction`` trains a random subset of ``train_steps`` per trajectory (seeded by
+      ``seed`` and the trajectory's index, so it does not depend on how trajectories are spread);
     - an SDE window (Flow-GRPO-Fast, MixGRPO): ``sde_steps`` = the window (``windows.WindowSchedule``).
     ``share_prefix``: a group starts from one noise and shares the ODE steps before the first SDE step
     (one root per prompt, computed once), instead of one noise per trajectory.
+    ``select``: build only these trajectories (index ``p·G + g``), e.g. one process's share of the groups.
+    Root rows are prompt indices; every leaf's group is its prompt.
     """
     T = len(sigmas) - 1
     sde = set(range(T)) if sde_steps is None else set(sde_steps)
     trainable = sorted(sde if train_steps is None else set(train_steps) & sde)
-    rng = rng or random.Random(0)
+    chosen = list(range(num_prompts * group_size)) if select is None else list(select)
 
-    def trained() -> set[int]:
+    def trained(trajectory: int) -> set[int]:
         if train_fraction is None:
             return set(trainable)
+        rng = random.Random(seed * 1_000_003 + trajectory)
         return set(rng.sample(trainable, int(len(trainable) * train_fraction)))
 
-    first_sde = min(sde) if sde else T
     if share_prefix:
-        roots = []
-        for p in range(num_prompts):
-            prefix = _steps(sigmas, range(first_sde), sde, set())
-            kids = [Node(_steps(sigmas, range(first_sde, T), sde, trained()), leaf_group=p, node_group=p, depth=1)
-                     for _ in range(group_size)]
-            roots.append(Node(prefix, kids, node_group=p))
-        return roots, torch.arange(num_prompts)
-    roots = [Node(_steps(sigmas, range(T), sde, trained()), leaf_group=p, node_group=p)
-             for p in range(num_prompts) for _ in range(group_size)]
-    return roots, torch.arange(num_prompts).repeat_interleave(group_size)
+        first_sde = min(sde) if sde else T
+        roots, rows = [], []
+        for p in sorted({t // group_size for t in chosen}):
+            kids = [Node(_steps(sigmas, range(first_sde, T), sde, trained(t)), leaf_group=p, node_group=p, depth=1)
+                    for t in chosen if t // group_size == p]
+            roots.append(Node(_steps(sigmas, range(first_sde), sde, set()), kids, node_group=p))
+            rows.append(p)
+        return roots, torch.tensor(rows)
+    roots = [Node(_steps(sigmas, range(T), sde, trained(t)), leaf_group=t // group_size, node_group=t // group_size)
+             for t in chosen]
+    return roots, torch.tensor([t // group_size for t in chosen])
 
 
 def branches(sigmas: torch.Tensor, num_prompts: int, branch_steps: list[int], num_branches: int = 6,

@@ -97,6 +97,13 @@ class Generator(ABC):
 
     #: Module names LoRA adapts (peft ``target_modules``).
     lora_target_modules: list[str] = []
+    #: Set by a trainer to the accelerate-prepared (DDP / FSDP) wrapper of ``trainable_module``, so the
+    #: model passes go through it (gradient sync); None: call the module itself.
+    wrapped_module: nn.Module | None = None
+
+    @property
+    def forward_module(self) -> nn.Module:
+        return self.wrapped_module if self.wrapped_module is not None else self.trainable_module
 
     def initial_noise(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Standard normal latents, drawn on the CPU from ``generator`` so a seed gives the same noise on any device."""

@@ -85,7 +85,7 @@ class SD3Generator(Generator):
         transformer = self.pipe.transformer
         dtype = transformer.dtype
         timestep = sigma.float() * self.pipe.scheduler.config.num_train_timesteps
-        out = transformer(hidden_states=x.to(dtype), timestep=timestep,
+        out = self.forward_module(hidden_states=x.to(dtype), timestep=timestep,
                           encoder_hidden_states=embeds["prompt_embeds"].to(dtype),
                           pooled_projections=embeds["pooled"].to(dtype), return_dict=False)[0]
         return out.float()

@@ -80,7 +80,7 @@ class ToyDigitsGenerator(Generator):
 
     def predict(self, x: torch.Tensor, sigma: torch.Tensor, embeds: dict[str, torch.Tensor]) -> torch.Tensor:
         dtype = self.transformer.dtype
-        out = self.transformer(hidden_states=x.to(dtype), timestep=sigma * self.scheduler.config.num_train_timesteps,
+        out = self.forward_module(hidden_states=x.to(dtype), timestep=sigma * self.scheduler.config.num_train_timesteps,
                                encoder_hidden_states=embeds["prompt_embeds"].to(dtype),
                                pooled_projections=embeds["pooled"].to(dtype), return_dict=False)[0]
         return out.float()

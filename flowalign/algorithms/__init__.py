@@ -1,0 +1,1 @@
+"""Alignment algorithms: the GRPO family (grpo/), and later AC-Flow, DRAGON, ReNO, CARINOX."""

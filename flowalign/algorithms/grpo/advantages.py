@@ -1,0 +1,35 @@
+"""Group-relative advantages (grpo_family.md §1, §2): z-scores of rewards within each prompt's group.
+
+Flow-GRPO's ``PerPromptStatTracker``: ``A = (R - mean_prompt(R)) / (std + eps)`` with the std over the
+whole gathered batch (``global``) or per prompt; DanceGRPO: per group, unbiased std, eps 1e-8.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+
+def group_advantages(rewards: torch.Tensor, groups: torch.Tensor, std: Literal["global", "group"] = "global",
+                     eps: float = 1e-4, unbiased: bool = False) -> torch.Tensor:
+    """Per-sample advantages from rewards ``[N]`` and group ids ``[N]`` (vectorised, no host sync)."""
+    rewards = rewards.float()
+    _, inverse = torch.unique(groups, return_inverse=True)
+    count = torch.zeros(int(inverse.max()) + 1 if inverse.numel() else 0, device=rewards.device)
+    count = count.index_add(0, inverse, torch.ones_like(rewards))
+    mean = torch.zeros_like(count).index_add(0, inverse, rewards) / count
+    centred = rewards - mean[inverse]
+    if std == "global":
+        scale = rewards.std(unbiased=unbiased) if rewards.numel() > 1 else rewards.new_tensor(0.0)
+        return centred / (scale + eps)
+    sq = torch.zeros_like(count).index_add(0, inverse, centred ** 2)
+    denom = (count - 1).clamp_min(1) if unbiased else count
+    return centred / ((sq / denom).sqrt()[inverse] + eps)
+
+
+def transition_advantages(leaf_advantages: torch.Tensor, transition_leaves: torch.Tensor,
+                          reduce: Literal["mean", "sum"] = "mean") -> torch.Tensor:
+    """Each transition's advantage from the leaves credited to it (one leaf for independent trajectories)."""
+    weights = transition_leaves.float()
+    total = weights @ leaf_advantages.float()
+    return total if reduce == "sum" else total / weights.sum(1).clamp_min(1)

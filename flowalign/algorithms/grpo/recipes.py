@@ -1,0 +1,44 @@
+"""Flow-GRPO and DanceGRPO as recipes of the shared parts: which steps are SDE, which are trained, which
+noise, how advantages are normalised. Defaults from the papers live in ``configs/``; this file only maps
+a config onto the parts (grpo_family.md §1, §2)."""
+from __future__ import annotations
+
+import torch
+
+from samplers.kernels import NoiseSchedule, cps, dance, flow_grpo
+from samplers.rollout import Node
+from samplers.structures import independent
+from samplers.windows import WindowSchedule
+
+from ...config import GRPOConfig
+
+
+def noise_schedule(cfg: GRPOConfig) -> NoiseSchedule:
+    """``flow_grpo(a)`` (g = a·sqrt(σ/(1-σ))), ``dance(η)`` (g = η) or ``cps(a)``."""
+    return {"flow_grpo": flow_grpo, "dance": dance, "cps": cps}[cfg.noise](cfg.noise_level)
+
+
+def sde_and_train_steps(cfg: GRPOConfig, iteration: int) -> tuple[list[int], list[int], float | None]:
+    """The SDE steps, the trainable steps, and DanceGRPO's per-sample fraction (None: train them all).
+
+    - Flow-GRPO: all steps SDE; trains steps ``0 .. int(T·timestep_fraction) - 1`` in order;
+    - Flow-GRPO-Fast (``window_size > 0``): SDE only in a random window below ``window_high``; trains it;
+    - DanceGRPO: all steps SDE; the last is never trained; a random ``timestep_fraction`` of the rest per sample.
+    """
+    T = cfg.steps
+    if cfg.window_size:
+        window = WindowSchedule("random", size=cfg.window_size, high=cfg.window_high or T // 2, seed=cfg.seed)
+        steps = window.steps(iteration, T)
+        return steps, steps, None
+    if cfg.algorithm == "dance_grpo" or cfg.random_timesteps:
+        return list(range(T)), list(range(T - 1)), cfg.timestep_fraction
+    return list(range(T)), list(range(max(1, int(T * cfg.timestep_fraction)))), None
+
+
+def rollout_plan(cfg: GRPOConfig, sigmas: torch.Tensor, iteration: int,
+                 select: list[int]) -> tuple[list[Node], torch.Tensor]:
+    """This process's share (``select``: trajectory indices) of the iteration's independent trajectories."""
+    sde, train, fraction = sde_and_train_steps(cfg, iteration)
+    return independent(sigmas, cfg.prompts_per_iteration, cfg.group_size, sde_steps=sde, train_steps=train,
+                       train_fraction=fraction, share_prefix=cfg.share_noise,
+                       seed=cfg.seed * 7919 + iteration, select=select)

@@ -1,0 +1,1 @@
+"""The training loop on accelerate: LoRA, checkpoints (atomic, resumable), logs and reports."""

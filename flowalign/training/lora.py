@@ -1,0 +1,62 @@
+"""LoRA through peft on a diffusers model: add, read out, save in the diffusers format, switch off."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+def add_lora(module: nn.Module, rank: int, alpha: float, targets: list[str]) -> None:
+    """Attach a LoRA adapter (gaussian A, zero B: the policy starts exactly at the base) and freeze the rest."""
+    from peft import LoraConfig
+
+    module.requires_grad_(False)
+    module.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets))
+    for param in module.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()  # trainable parameters in fp32 (mixed precision keeps master weights)
+
+
+def trainable_state(module: nn.Module, lora: bool) -> dict[str, torch.Tensor]:
+    """What a checkpoint needs of the model: the LoRA weights, or every trainable parameter."""
+    if lora:
+        from peft import get_peft_model_state_dict
+
+        return {k: v.detach().clone() for k, v in get_peft_model_state_dict(module).items()}
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def load_trainable_state(module: nn.Module, state: dict[str, torch.Tensor], lora: bool) -> None:
+    if lora:
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(module, state)
+        if getattr(result, "unexpected_keys", None):
+            raise ValueError(f"LoRA state: unexpected keys {result.unexpected_keys[:3]}")
+    else:
+        module.load_state_dict(state)
+
+
+def save_lora_diffusers(module: nn.Module, directory: str | Path) -> Path:
+    """The diffusers LoRA format (``pytorch_lora_weights.safetensors``): ``pipe.load_lora_weights(dir)`` loads it."""
+    from diffusers import StableDiffusion3Pipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import get_peft_model_state_dict
+
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
+    StableDiffusion3Pipeline.save_lora_weights(str(directory), transformer_lora_layers=layers)
+    return Path(directory)
+
+
+@contextmanager
+def adapters_disabled(module: nn.Module, lora: bool):
+    """The reference policy: the same weights with the LoRA switched off (no second copy of the model)."""
+    if not lora:
+        raise ValueError("KL to the reference needs LoRA training (train.lora_rank > 0)")
+    module.disable_adapters()
+    try:
+        yield
+    finally:
+        module.enable_adapters()

@@ -1,0 +1,42 @@
+"""Which prompts an iteration trains on, and which trajectories each process runs.
+
+Everything derives from (seed, iteration), so every process draws the same global prompt list and a
+resumed run draws what the uninterrupted run would have. Trajectory ``t`` (prompt ``t // G``) runs on
+process ``t % world``: a prompt's group is spread over the processes, as Flow-GRPO's sampler does.
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from ..config import GRPOConfig
+from ..errors import FlowalignError
+
+
+def read_prompt_file(path: str | Path) -> list[str]:
+    lines = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    if not lines:
+        raise FlowalignError(f"train.prompt_file: '{path}' holds no prompts")
+    return lines
+
+
+def iteration_prompts(cfg: GRPOConfig, iteration: int, file_prompts: list[str] | None = None) -> tuple[list[str], list[dict]]:
+    """The iteration's ``prompts_per_iteration`` prompts (and metadata), identical on every process."""
+    seed = cfg.seed * 1_000_003 + iteration
+    if file_prompts is not None:
+        rng = random.Random(seed)
+        return [rng.choice(file_prompts) for _ in range(cfg.prompts_per_iteration)], \
+            [{} for _ in range(cfg.prompts_per_iteration)]
+    from ..toy.prompts import sample_prompts
+
+    prompts, digits = sample_prompts(cfg.prompts_per_iteration, seed=seed)
+    return prompts, [{"digit": d} for d in digits]
+
+
+def local_trajectories(cfg: GRPOConfig, rank: int, world: int) -> list[int]:
+    """This process's trajectory indices; each process gets the same number."""
+    total = cfg.prompts_per_iteration * cfg.group_size
+    if total % world:
+        raise FlowalignError(f"train.prompts_per_iteration x train.group_size = {total} must be divisible by the "
+                             f"number of processes ({world})")
+    return list(range(rank, total, world))

@@ -1,0 +1,53 @@
+"""The end-of-run report: before/after grids on fixed held-out seeds and prompts, the reward curve, metrics."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..inference import generate, save_grid
+
+EVAL_SEED = 10_007  # never a training seed: training draws from (seed, iteration)
+
+
+def heldout_prompts(n: int, file_prompts: list[str] | None) -> tuple[list[str], list[dict]]:
+    """Held-out toy prompts (phrasings never used in training), or the first n of the prompt file."""
+    if file_prompts is not None:
+        return file_prompts[:n], [{} for _ in file_prompts[:n]]
+    from ..toy.prompts import HELD_OUT_TEMPLATES, sample_prompts
+
+    prompts, digits = sample_prompts(n, seed=EVAL_SEED, templates=HELD_OUT_TEMPLATES)
+    return prompts, [{"digit": d} for d in digits]
+
+
+@torch.no_grad()
+def evaluate_policy(gen, reward, prompts, meta, steps: int, guidance: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """ODE samples on fixed seeds and their rewards (the policy as users will sample it)."""
+    media = generate(gen, prompts, steps=steps, guidance=guidance, seed=EVAL_SEED)
+    return media, reward.score(media, prompts, meta)
+
+
+def write_report(out: Path, before: tuple, after: tuple, history: list[dict], extra: dict) -> dict:
+    """``report/{before,after}.png``, ``reward_curve.png`` and ``metrics.json``; returns the metrics."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    report = out / "report"
+    report.mkdir(parents=True, exist_ok=True)
+    save_grid(before[0][:50], report / "before.png")
+    save_grid(after[0][:50], report / "after.png")
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.plot([h["iteration"] for h in history], [h["reward/mean"] for h in history])
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("training reward (mean)")
+    fig.tight_layout()
+    fig.savefig(report / "reward_curve.png", dpi=100)
+    plt.close(fig)
+    metrics = {"reward_before": before[1].mean().item(), "reward_after": after[1].mean().item(),
+               "reward_before_std": before[1].std().item(), "reward_after_std": after[1].std().item(),
+               "history": history, **extra}
+    (report / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics

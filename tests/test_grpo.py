@@ -1,0 +1,127 @@
+"""The GRPO trainer on the toy world: on-policy ratio, learning, resume, faults, checkpoints."""
+import json
+
+import pytest
+import torch
+
+from flowalign.config import load_config
+from flowalign.errors import FlowalignError
+from flowalign.training import checkpoint as ckpt
+from flowalign.training.grpo_trainer import GRPOTrainer
+from flowalign.training.lora import trainable_state
+
+SMALL = ["train.prompts_per_iteration=2", "train.group_size=4", "train.steps=4", "train.eval_prompts=0",
+         "train.rollout_batch=8", "train.train_batch=8", "train.checkpoint_every=0"]
+
+
+def trainer(tmp_path, *overrides, name="run"):
+    cfg = load_config("configs/toy/digits_flow_grpo.yaml", SMALL + [f"output_dir={tmp_path / name}", *overrides])
+    return GRPOTrainer(cfg)
+
+
+def first_ratios(tr) -> torch.Tensor:
+    rollout, prompts, meta, _, leaf_ids = tr.rollout(0)
+    adv, _ = tr.advantages(tr.score(rollout, prompts, meta), leaf_ids)
+    old = rollout.logp if tr.t.old_logp == "rollout" else tr._recompute_logp(rollout)
+    idx = torch.arange(min(tr.t.train_batch, rollout.num_transitions))
+    with torch.no_grad():
+        v = tr._velocity(rollout, idx)
+    from samplers.kernels import step
+
+    new = step(v, rollout.x[idx], rollout.sigma[idx], rollout.sigma_next[idx], schedule=tr.schedule,
+               prev_sample=rollout.x_next[idx], noise_scale=rollout.scale[idx]).logp
+    return torch.exp(new - old[idx])
+
+
+def test_first_inner_step_is_exactly_on_policy(tmp_path):
+    """Same batches as the rollout (or recomputed old log-probs): the ratio is exactly 1 before any update."""
+    assert torch.equal(first_ratios(trainer(tmp_path, "train.shuffle=false")), torch.ones(8))
+    assert torch.equal(first_ratios(trainer(tmp_path, "train.old_logp=recompute", "train.train_batch=5")),
+                       torch.ones(5))
+
+
+def test_resume_is_bitwise_identical(tmp_path):
+    """4 iterations straight == 2 iterations, a stop, a resume from the checkpoint, 2 more."""
+    straight = trainer(tmp_path, "train.iterations=4", name="straight")
+    straight.fit(progress=False)
+    first = trainer(tmp_path, "train.iterations=2", "train.checkpoint_every=2", name="resumed")
+    first.fit(progress=False)
+    del first
+    second = trainer(tmp_path, "train.iterations=4", "train.checkpoint_every=2", name="resumed")
+    second.fit(resume="latest", progress=False)
+    a = trainable_state(straight.gen.trainable_module, True)
+    b = trainable_state(second.gen.trainable_module, True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [h["reward/mean"] for h in straight.history] == [h["reward/mean"] for h in second.history]
+
+
+def test_checkpoints_are_atomic_and_limited(tmp_path):
+    root = tmp_path / "checkpoints"
+    w = {"a": torch.ones(2)}
+    for i in range(1, 6):
+        ckpt.save_checkpoint(root, i, w, {}, {"history": []}, limit=2)
+    assert [p.name for p in ckpt.list_checkpoints(root)] == ["checkpoint-4", "checkpoint-5"]
+    (root / ".tmp-checkpoint-6").mkdir()  # a kill while writing checkpoint 6
+    (root / "checkpoint-7").mkdir()  # a folder without state.json is not a checkpoint
+    assert ckpt.resolve(root, "latest").name == "checkpoint-5"
+    with pytest.raises(FileNotFoundError, match="not a checkpoint folder"):
+        ckpt.resolve(root, str(tmp_path / "nowhere"))
+
+
+def test_reward_failure_policies(tmp_path, monkeypatch):
+    import rewards
+
+    def broken(self, media, prompts=None, metadata=None):
+        raise rewards.RewardError("reward toy/bold_digit: non-finite score nan for sample 3")
+
+    tr = trainer(tmp_path, "train.iterations=1")
+    monkeypatch.setattr(type(tr.reward), "score", broken)
+    with pytest.raises(FlowalignError, match="reward failed at iteration 0 .*reward.on_error=skip"):
+        tr.fit(progress=False)
+    skip = trainer(tmp_path, "train.iterations=1", "reward.on_error=skip", name="skip")
+    before = {k: v.clone() for k, v in trainable_state(skip.gen.trainable_module, True).items()}
+    skip.fit(progress=False)  # every sample skipped: advantages 0, nothing learned, no crash
+    after = trainable_state(skip.gen.trainable_module, True)
+    assert all(torch.allclose(before[k], after[k]) for k in before)
+
+
+def test_non_finite_loss_stops_with_a_checkpoint(tmp_path, monkeypatch):
+    tr = trainer(tmp_path, "train.iterations=2")
+    real = tr._loss
+
+    def nan_loss(*args):
+        loss, stats = real(*args)
+        return loss * float("nan"), stats
+
+    monkeypatch.setattr(tr, "_loss", nan_loss)
+    with pytest.raises(FlowalignError, match="loss is nan at iteration 0: stopped; the last good state is in"):
+        tr.fit(progress=False)
+    assert ckpt.resolve(tmp_path / "run" / "checkpoints", "latest").name == "checkpoint-0"
+
+
+def test_kl_to_the_lora_off_base_is_zero_at_the_start(tmp_path):
+    tr = trainer(tmp_path, "train.beta=0.04")
+    rollout, prompts, meta, _, leaf_ids = tr.rollout(0)
+    adv, _ = tr.advantages(tr.score(rollout, prompts, meta), leaf_ids)
+    _, stats = tr._loss(rollout, torch.arange(8), adv[:8], rollout.logp[:8])
+    assert stats["kl"].item() == 0.0  # LoRA B starts at zero: policy == base
+
+
+def test_bad_train_config_is_one_line(tmp_path):
+    with pytest.raises(FlowalignError, match="train.cfg=false .* needs train.guidance=1"):
+        trainer(tmp_path, "train.cfg=false")
+    with pytest.raises(FlowalignError, match="unknown key 'train.learning_rate'"):
+        trainer(tmp_path, "train.learning_rate=1")
+
+
+def test_report_and_final_lora(tmp_path):
+    from flowalign.training.run import train
+
+    metrics = train("configs/toy/digits_flow_grpo.yaml",
+                    SMALL[:-2] + ["train.iterations=2", "train.eval_prompts=10", "train.eval_steps=6",
+                                  f"output_dir={tmp_path}"], progress=False, print_fn=lambda *_: None)
+    report = tmp_path / "report"
+    for name in ["before.png", "after.png", "reward_curve.png", "metrics.json"]:
+        assert (report / name).stat().st_size > 0
+    assert json.loads((report / "metrics.json").read_text())["reward_after"] == metrics["reward_after"]
+    assert (tmp_path / "final" / "pytorch_lora_weights.safetensors").is_file()
