@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/flowalign evaluate configs/toy/digits_demo.yaml
+	$(BIN)/flowalign train configs/toy/digits_flow_grpo.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

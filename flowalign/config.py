@@ -58,6 +58,7 @@ class EvalConfig:
 @dataclass
 class RewardConfig:
     weights: dict[str, float] = bounded({"toy/bold_digit": 1.0}, doc="reward name -> weight")
+    options: dict[str, dict] = bounded({}, doc="reward name -> constructor arguments (path, local_files_only, ...)")
     normalize: Literal["none", "batch", "running"] = "none"
     #: A reward that fails (raises, NaN, times out): ``stop`` the run, or ``skip`` the affected samples.
     on_error: Literal["stop", "skip"] = "stop"
@@ -99,7 +100,7 @@ class GRPOConfig:
     lora_rank: int = bounded(32, min=0, doc="0: full fine-tuning")
     lora_alpha: float = bounded(64.0, min=0.0)
     ema_decay: float = bounded(0.0, min=0.0, max=1.0)
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = bounded(None, doc="None: accelerate's config decides")
     gradient_checkpointing: bool = False
     checkpoint_every: int = bounded(10, min=0)
     checkpoints_total_limit: int = bounded(3, min=1)

@@ -7,10 +7,12 @@ for bit, and each trajectory's noise is the same however the trajectories are sp
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
 import torch
+from accelerate.utils import DistributedType
 
 import rewards as reward_lib
 from samplers.kernels import kl_to_reference, step, step_mean
@@ -45,11 +47,12 @@ class GRPOTrainer:
             raise ConfigError("train.cfg=false trains the conditional velocity: it needs train.guidance=1")
         self.cfg, self.t = cfg, t
         self.out = Path(cfg.output_dir)
-        self.acc = accelerator or Accelerator(mixed_precision=t.mixed_precision, log_with="tensorboard",
-                                              project_dir=str(self.out))
+        precision = {"mixed_precision": t.mixed_precision} if t.mixed_precision else {}
+        self.acc = accelerator or Accelerator(log_with="tensorboard", project_dir=str(self.out), **precision)
         self.gen = load_generator(cfg.model.name, cfg.model.dtype, device=str(self.acc.device),
                                   local_files_only=cfg.model.local_files_only)
-        self.reward = reward_lib.load_weighted(cfg.reward.weights, cfg.reward.normalize).to(self.acc.device)
+        self.reward = reward_lib.load_weighted(cfg.reward.weights, cfg.reward.normalize,
+                                               **cfg.reward.options).to(self.acc.device)
         self.reward.requires_grad_(False)  # frozen: kept out of accelerate's prepare
         self.file_prompts = read_prompt_file(t.prompt_file) if t.prompt_file else None
         self.schedule = noise_schedule(t)
@@ -150,12 +153,18 @@ class GRPOTrainer:
                 order = torch.randperm(n, generator=torch.Generator().manual_seed(
                     _seed(t.seed, iteration, epoch, self.acc.process_index)))
             for chunk in order.chunk(t.updates_per_iteration):
-                for start in range(0, len(chunk), t.train_batch):
+                starts = list(range(0, len(chunk), t.train_batch))
+                if len(starts) > 1 and self.acc.distributed_type == DistributedType.DEEPSPEED:
+                    raise FlowalignError(f"under DeepSpeed one optimizer update must be one minibatch: set "
+                                         f"train.train_batch >= {len(chunk)} (or raise train.updates_per_iteration)")
+                for start in starts:
                     idx = chunk[start:start + t.train_batch].to(rollout.x.device)
-                    loss, parts = self._loss(rollout, idx, adv[idx], old_logp[idx])
-                    if not torch.isfinite(loss.detach()).item():
-                        raise _NonFiniteLoss(f"loss is {loss.item()} at iteration {iteration}")
-                    self.acc.backward(loss * len(idx) / len(chunk))
+                    sync = start == starts[-1]
+                    with contextlib.nullcontext() if sync else self.acc.no_sync(self.gen.wrapped_module):
+                        loss, parts = self._loss(rollout, idx, adv[idx], old_logp[idx])
+                        if not torch.isfinite(loss.detach()).item():
+                            raise _NonFiniteLoss(f"loss is {loss.item()} at iteration {iteration}")
+                        self.acc.backward(loss * len(idx) / len(chunk))
                     for k, v in parts.items():
                         stats.setdefault(k, []).append(v.detach())
                 grad_norm = self.acc.clip_grad_norm_(self.params, t.max_grad_norm) if t.max_grad_norm else None
@@ -253,15 +262,23 @@ class GRPOTrainer:
     def save_checkpoint(self) -> Path | None:
         """Checkpoint the completed iterations (main process writes; everyone waits)."""
         self.acc.wait_for_everyone()
+        weights = trainable_state(self.gen.trainable_module, self.lora, self._gathered_state())
         path = None
         if self.acc.is_main_process:
             ema = {f"ema.{i}": p for i, p in enumerate(self.ema.shadow_params)} if self.ema else None
-            path = ckpt.save_checkpoint(self.out / "checkpoints", self.iteration,
-                                        trainable_state(self.gen.trainable_module, self.lora),
+            path = ckpt.save_checkpoint(self.out / "checkpoints", self.iteration, weights,
                                         self.optimizer.state_dict(), {"history": self.history}, ema,
                                         self.t.checkpoints_total_limit)
         self.acc.wait_for_everyone()
         return path
+
+    def _gathered_state(self) -> dict[str, torch.Tensor] | None:
+        """The full state dict under FSDP / DeepSpeed (a collective); None where the module holds it whole."""
+        from accelerate.utils import DistributedType
+
+        if self.acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            return self.acc.get_state_dict(self.gen.wrapped_module)
+        return None
 
     def resume(self, which: str) -> None:
         try:
@@ -284,17 +301,18 @@ class GRPOTrainer:
         """The final weights: diffusers-format LoRA (``pipe.load_lora_weights``) or the full module."""
         final = self.out / "final"
         self.acc.wait_for_everyone()
+        module = self.gen.trainable_module
+        if self.ema is not None:
+            self.ema.store(self.params)
+            self.ema.copy_to(self.params)
+        state = self._gathered_state()
         if self.acc.is_main_process:
-            module = self.gen.trainable_module
-            if self.ema is not None:
-                self.ema.store(self.params)
-                self.ema.copy_to(self.params)
             if self.lora:
-                save_lora_diffusers(module, final)
+                save_lora_diffusers(module, final, state)
             else:
-                module.save_pretrained(final)
-            if self.ema is not None:
-                self.ema.restore(self.params)
+                module.save_pretrained(final, state_dict=state)
+        if self.ema is not None:
+            self.ema.restore(self.params)
         self.acc.wait_for_everyone()
         return final
 

@@ -19,13 +19,15 @@ def add_lora(module: nn.Module, rank: int, alpha: float, targets: list[str]) -> 
             param.data = param.data.float()  # trainable parameters in fp32 (mixed precision keeps master weights)
 
 
-def trainable_state(module: nn.Module, lora: bool) -> dict[str, torch.Tensor]:
-    """What a checkpoint needs of the model: the LoRA weights, or every trainable parameter."""
+def trainable_state(module: nn.Module, lora: bool,
+                    full_state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """What a checkpoint needs of the model: the LoRA weights, or every parameter. ``full_state``: the
+    module's state dict gathered across processes (``accelerator.get_state_dict``, needed under FSDP)."""
     if lora:
         from peft import get_peft_model_state_dict
 
-        return {k: v.detach().clone() for k, v in get_peft_model_state_dict(module).items()}
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+        return {k: v.detach().clone() for k, v in get_peft_model_state_dict(module, state_dict=full_state).items()}
+    return {k: v.detach().clone() for k, v in (full_state or module.state_dict()).items()}
 
 
 def load_trainable_state(module: nn.Module, state: dict[str, torch.Tensor], lora: bool) -> None:
@@ -39,14 +41,20 @@ def load_trainable_state(module: nn.Module, state: dict[str, torch.Tensor], lora
         module.load_state_dict(state)
 
 
-def save_lora_diffusers(module: nn.Module, directory: str | Path) -> Path:
-    """The diffusers LoRA format (``pytorch_lora_weights.safetensors``): ``pipe.load_lora_weights(dir)`` loads it."""
+def save_lora_diffusers(module: nn.Module, directory: str | Path,
+                        full_state: dict[str, torch.Tensor] | None = None) -> Path:
+    """The diffusers LoRA format (``pytorch_lora_weights.safetensors``): ``pipe.load_lora_weights(dir)`` loads it.
+
+    Transformer LoRAs are saved with peft's ``lora_A`` / ``lora_B`` names as they are (the old
+    ``convert_state_dict_to_diffusers`` renames only some of them to ``lora.down`` / ``lora.up``, and the
+    loader then drops those), plus the adapter config as metadata, so the loader keeps ``lora_alpha / r``.
+    """
     from diffusers import StableDiffusion3Pipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
     from peft import get_peft_model_state_dict
 
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
-    StableDiffusion3Pipeline.save_lora_weights(str(directory), transformer_lora_layers=layers)
+    StableDiffusion3Pipeline.save_lora_weights(
+        str(directory), transformer_lora_layers=get_peft_model_state_dict(module, state_dict=full_state),
+        transformer_lora_adapter_metadata=module.peft_config["default"].to_dict())
     return Path(directory)
 
 

@@ -79,12 +79,19 @@ class DigitMatchReward(DigitClassifierReward):
 
 
 class BoldDigitReward(DigitClassifierReward):
-    """"Bold digits": the classifier's probability of the prompted digit times the mean ink.
+    """"Bold digits": the classifier's probability of the prompted digit times the mean ink, saturating at
+    ``target_ink`` (``P · min(ink / target_ink, 1)``).
 
     The shipped model draws the right digit almost always but with thin strokes (mean ink ~0.3), so the
-    reward has room to grow only by drawing bolder while staying the prompted digit."""
+    reward grows only by drawing bolder while staying the prompted digit; the cap removes the incentive
+    to flood the frame with ink (a classic reward hack of the uncapped product)."""
 
     name = "toy/bold_digit"
 
+    def __init__(self, path=None, target_ink: float = 0.45):
+        super().__init__(path)
+        self.target_ink = target_ink
+
     def _score(self, media, prompts, metadata):
-        return super()._score(media, prompts, metadata) * media.mean(dim=(1, 2, 3))
+        ink = media.mean(dim=(1, 2, 3))
+        return super()._score(media, prompts, metadata) * (ink / self.target_ink).clamp(max=1.0)
