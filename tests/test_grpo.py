@@ -125,3 +125,52 @@ def test_report_and_final_lora(tmp_path):
         assert (report / name).stat().st_size > 0
     assert json.loads((report / "metrics.json").read_text())["reward_after"] == metrics["reward_after"]
     assert (tmp_path / "final" / "pytorch_lora_weights.safetensors").is_file()
+
+
+@pytest.mark.parametrize("options", [["train.mixed_precision=bf16"], ["train.gradient_checkpointing=true"],
+                                     ["train.lora_rank=0", "train.lr=1e-5"], ["train.ema_decay=0.9"],
+                                     ["train.share_noise=true"], ["train.window_size=2"],
+                                     ["train.noise=cps", "train.noise_level=0.8"]])
+def test_training_options_run(tmp_path, options):
+    """Each option trains an iteration end to end and saves its final weights (bf16 autocast on CPU too)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # mixed precision is fixed per process state
+    tr = trainer(tmp_path, "train.iterations=1", *options)
+    history = tr.fit(progress=False)
+    assert all(torch.isfinite(torch.tensor(v)) for k, v in history[0].items() if k != "iteration")
+    final = tr.save_final()
+    assert (final / ("pytorch_lora_weights.safetensors" if tr.lora else "diffusion_pytorch_model.safetensors")).is_file()
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, monkeypatch):
+    tr = trainer(tmp_path, "train.iterations=3")
+    real = tr.run_iteration
+
+    def interrupt_second(i):
+        if i == 1:
+            raise KeyboardInterrupt
+        return real(i)
+
+    monkeypatch.setattr(tr, "run_iteration", interrupt_second)
+    with pytest.raises(SystemExit) as exit_info:
+        tr.fit(progress=False)
+    assert exit_info.value.code == 130
+    assert ckpt.resolve(tmp_path / "run" / "checkpoints", "latest").name == "checkpoint-1"
+
+
+def test_tensorboard_scalars_and_samples(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tr = trainer(tmp_path, "train.iterations=2", "train.checkpoint_every=2")
+    tr.fit(progress=False)
+    tr.acc.end_training()
+    events = EventAccumulator(str(tmp_path / "run"))
+    found = list((tmp_path / "run").rglob("events.out.tfevents.*"))
+    assert found
+    events = EventAccumulator(str(found[0].parent)).Reload()
+    tags = events.Tags()
+    for tag in ["reward/mean", "reward/std", "clip_fraction", "ratio_mean", "grad_norm", "nfe", "time/sampling"]:
+        assert tag in tags["scalars"], tags
+    assert "samples" in tags["images"]

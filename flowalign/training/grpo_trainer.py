@@ -113,6 +113,7 @@ class GRPOTrainer:
         """Decode the leaves and score them; a failing reward follows ``reward.on_error``."""
         media = torch.cat([self.gen.decode(rollout.leaves[i:i + self.t.rollout_batch])
                            for i in range(0, rollout.leaves.shape[0], self.t.rollout_batch)])
+        self.last_media = media[:16]
         rows = rollout.leaf_row.tolist()
         try:
             return self.reward.score(media, [prompts[r] for r in rows], [meta[r] for r in rows])
@@ -245,6 +246,7 @@ class GRPOTrainer:
                 bar.set_postfix(reward=f"{metrics['reward/mean']:.4f}")
                 if self.t.checkpoint_every and self.iteration % self.t.checkpoint_every == 0:
                     self.save_checkpoint()
+                    self.log_samples()
         except KeyboardInterrupt:
             path = self.save_checkpoint()
             print(f"flowalign: interrupted; saved {path} (resume with --resume_from_checkpoint latest)")
@@ -256,6 +258,18 @@ class GRPOTrainer:
         finally:
             bar.close()
         return self.history
+
+    def log_samples(self) -> None:
+        """A grid of the latest rollout's samples in tensorboard (main process)."""
+        if not self.acc.is_main_process or getattr(self, "last_media", None) is None or self.gen.modality != "image":
+            return
+        from torchvision.utils import make_grid
+
+        try:
+            writer = self.acc.get_tracker("tensorboard", unwrap=True)
+        except (ValueError, AttributeError):
+            return
+        writer.add_image("samples", make_grid(self.last_media.float().cpu(), nrow=8), self.iteration)
 
     # ------------------------------------------------------------------ checkpoints
 
