@@ -9,6 +9,14 @@ import sys
 from pathlib import Path
 
 
+def _config_and_overrides(args: argparse.Namespace) -> tuple[str | None, list[str]]:
+    """The config file and the key=value overrides (the first positional may already be an override)."""
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config:  # no config file, only overrides
+        config, overrides = None, [config, *overrides]
+    return config, overrides
+
+
 def _cmd_generate(args: argparse.Namespace) -> None:
     from .config import ConfigError
     from .generators import load_generator
@@ -39,19 +47,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     from .config import load_config
     from .evaluate import evaluate
 
-    config, overrides = args.config, list(args.overrides)
-    if config is not None and "=" in config:  # no config file, only overrides
-        config, overrides = None, [config, *overrides]
-    evaluate(load_config(config, overrides))
+    evaluate(load_config(*_config_and_overrides(args)))
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
     from .training.run import train
 
-    config, overrides = args.config, list(args.overrides)
-    if config is not None and "=" in config:
-        config, overrides = None, [config, *overrides]
-    train(config, overrides, resume=args.resume_from_checkpoint)
+    train(*_config_and_overrides(args), resume=args.resume_from_checkpoint)
 
 
 def _cmd_toy_build(args: argparse.Namespace) -> None:
