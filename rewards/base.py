@@ -198,5 +198,7 @@ class CompositeReward(Reward):
         return s
 
     def score(self, media, prompts=None, metadata=None) -> torch.Tensor:
+        self.last_scores = {}
         scores = self.score_all(media, prompts, metadata)
+        self.last_scores = {k: s.detach() for k, s in scores.items()}  # each part's raw scores, for logging
         return sum(self.weights[k] * self._normalized(k, s) for k, s in scores.items())

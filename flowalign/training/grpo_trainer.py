@@ -223,7 +223,9 @@ class GRPOTrainer:
         stats = self.train_step(rollout, leaf_adv, iteration)
         times["time/training"] = time.perf_counter() - start
         finite = all_rewards[torch.isfinite(all_rewards)]
-        return {"reward/mean": finite.mean().item() if finite.numel() else float("nan"),
+        parts = {f"reward/{name}": self.acc.gather(s.contiguous()).mean().item()
+                 for name, s in getattr(self.reward, "last_scores", {}).items()} if len(self.reward.parts) > 1 else {}
+        return {**parts, "reward/mean": finite.mean().item() if finite.numel() else float("nan"),
                 "reward/std": finite.std().item() if finite.numel() > 1 else 0.0,
                 "nfe": float(rollout.nfe * self.acc.num_processes), **stats, **times}
 
