@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .base import Reward
-from .hf_clip import (clip_image_features, load_clip, load_errors, load_state_dict_file, resolve_file,
+from .loading import (clip_image_features, load_clip, load_errors, load_state_dict_file, resolve_file,
                       square_spec)
 
 MLP_FILE = "sac+logos+ava1-l14-linearMSE.pth"

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import Reward
-from .hf_clip import load_errors, load_state_dict_file, resolve_file, square_spec
+from .loading import load_errors, load_state_dict_file, resolve_file, square_spec
 from .preprocess import CLIP_MEAN, CLIP_STD, clip_preprocess
 
 

@@ -29,7 +29,7 @@ from torch import nn
 
 from .aesthetic import AestheticMLP
 from .base import Reward
-from .hf_clip import check_local, load_errors, load_state_dict_file, resolve_file, square_spec
+from .loading import check_local, load_errors, load_state_dict_file, resolve_file, square_spec
 from .preprocess import clip_preprocess
 
 MEAN, STD = 0.16717362830052426, 1.0333394966054072

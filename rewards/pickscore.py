@@ -7,7 +7,7 @@ preprocessing, so gradients reach the pixels.
 from __future__ import annotations
 
 from .base import Reward
-from .hf_clip import clip_image_features, clip_text_features, load_clip, load_errors, square_spec
+from .loading import clip_image_features, clip_text_features, load_clip, load_errors, square_spec
 
 
 class PickScore(Reward):

@@ -186,7 +186,7 @@ def test_gradient_reaches_the_pixels(loaded, name):
 
 
 def test_clip_scores_follow_their_formulas(loaded, clip_dir):
-    from rewards.hf_clip import clip_image_features, clip_text_features
+    from rewards.loading import clip_image_features, clip_text_features
 
     clip, pick = loaded["clipscore-hf"], loaded["pickscore"]
     with torch.no_grad():
