@@ -2,6 +2,7 @@
 from .errors import FlowalignError
 from .generators import Conditioning, Generator, load_generator
 from .inference import generate
+from .optimize import optimize, optimize_iter  # binds the function over the submodule's name (import it first)
 
 
 def train(config=None, overrides=(), resume=None, **kw):
@@ -12,4 +13,4 @@ def train(config=None, overrides=(), resume=None, **kw):
 
 
 __version__ = "0.1.0"
-__all__ = ["Conditioning", "FlowalignError", "Generator", "generate", "load_generator", "train"]
+__all__ = ["Conditioning", "FlowalignError", "Generator", "generate", "load_generator", "optimize", "optimize_iter", "train"]

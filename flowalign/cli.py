@@ -1,4 +1,4 @@
-"""The ``flowalign`` command: train | generate | evaluate | toy build | rewards list.
+"""The ``flowalign`` command: train | generate | evaluate | optimize | toy build | rewards list.
 
 Errors a user can fix (bad config, missing file, unknown reward) print one line and exit with status 2.
 """
@@ -71,6 +71,53 @@ def _cmd_rewards_list(args: argparse.Namespace) -> None:
         print(name)
 
 
+def _cmd_optimize(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from .config import ConfigError
+    from .generators import load_generator
+    from .optimize import optimize_iter, save_outputs
+
+    prompts = list(args.prompt or [])
+    if args.prompt_file:
+        path = Path(args.prompt_file)
+        if not path.is_file():
+            raise ConfigError(f"--prompt-file: file '{path}' not found")
+        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ConfigError("optimize: give at least one --prompt or a --prompt-file")
+    for name, value in (("--steps", args.steps), ("--iterations", args.iterations), ("--render-steps", args.render_steps),
+                        ("--k", args.k), ("--n", args.n)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{name}: expected an integer >= 1, got {value}")
+    generator = load_generator(args.model, args.dtype, local_files_only=args.local_files_only)
+    if args.method == "best-of-n":
+        options = {"n": args.n or args.iterations, "steps": args.steps, "guidance": args.guidance}
+    else:
+        options = {"iterations": args.iterations, "lr": args.lr, "optimizer": args.optimizer, "steps": args.steps,
+                   "render_steps": args.render_steps, "guidance": args.guidance, "reg_weight": args.reg_weight,
+                   "grad_clip": args.grad_clip, "checkpointing": args.checkpointing, "truncate": args.truncate}
+        if args.method == "carinox":
+            options["k"] = args.k
+    bar, last = None, None
+    for last in optimize_iter(generator, prompts, args.reward or ["toy/bold_digit"], args.method, args.seed, **options):
+        if last.result is None:
+            if bar is None or bar.desc != last.stage:
+                if bar is not None:
+                    bar.close()
+                bar = tqdm(total=last.total, desc=last.stage, unit="it", leave=False)
+            bar.update(last.iteration - bar.n)
+            bar.set_postfix(best=f"{float(last.best.mean()):.4g}", nfe=last.nfe)
+    if bar is not None:
+        bar.close()
+    result = last.result
+    save_outputs(result, args.out)
+    if result.stopped:
+        print(f"stopped: {result.stopped}")
+    print(f"{args.method}: best reward {float(result.rewards.mean()):.4g} (mean over {len(prompts)} prompts), "
+          f"{result.nfe} NFE; wrote {Path(args.out) / 'best.png'}, iterations/, rewards.csv, rewards.png")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flowalign", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -107,6 +154,30 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--out", default=None, help="write under this folder instead of the shipped locations")
     build.add_argument("--seed", type=int, default=0)
     build.set_defaults(func=_cmd_toy_build)
+
+    opt = sub.add_parser("optimize", help="align one image per prompt at inference time (ReNO, CARINOX, best-of-N)")
+    opt.add_argument("--method", default="reno", choices=["reno", "carinox", "best-of-n"])
+    opt.add_argument("--model", default="toy/digits", help="toy/digits, a hub id or a local diffusers folder")
+    opt.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    opt.add_argument("--prompt-file", help="a text file, one prompt per line")
+    opt.add_argument("--reward", action="append", metavar="NAME[:WEIGHT]", help="a reward (repeatable)")
+    opt.add_argument("--steps", type=int, default=None, help="ODE steps while optimising (model default if unset)")
+    opt.add_argument("--render-steps", type=int, default=None, help="steps to render the best noise with")
+    opt.add_argument("--iterations", type=int, default=50, help="optimisation iterations (best-of-n: N)")
+    opt.add_argument("--lr", type=float, default=5.0)
+    opt.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"])
+    opt.add_argument("--reg-weight", type=float, default=0.01, help="λ of the χ-norm regulariser")
+    opt.add_argument("--grad-clip", type=float, default=0.1)
+    opt.add_argument("--checkpointing", action="store_true", help="gradient checkpointing (less memory)")
+    opt.add_argument("--truncate", type=int, default=None, help="backpropagate through the last K steps only")
+    opt.add_argument("--k", type=int, default=3, help="carinox: seeds explored")
+    opt.add_argument("--n", type=int, default=None, help="best-of-n: samples per prompt (default --iterations)")
+    opt.add_argument("--guidance", type=float, default=None, help="CFG scale (model default if unset)")
+    opt.add_argument("--seed", type=int, default=0)
+    opt.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    opt.add_argument("--local-files-only", action="store_true")
+    opt.add_argument("--out", default="outputs/optimize")
+    opt.set_defaults(func=_cmd_optimize)
 
     rw = sub.add_parser("rewards", help="reward models").add_subparsers(dest="rewards_command", required=True)
     rw.add_parser("list", help="every reward name rewards.load accepts").set_defaults(func=_cmd_rewards_list)
