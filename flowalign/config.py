@@ -60,13 +60,15 @@ class RewardConfig:
     weights: dict[str, float] = bounded({"toy/bold_digit": 1.0}, doc="reward name -> weight")
     options: dict[str, dict] = bounded({}, doc="reward name -> constructor arguments (path, local_files_only, ...)")
     normalize: Literal["none", "batch", "running"] = "none"
+    #: ``reward``: z-score the weighted sum; ``advantage``: z-score each reward, then sum (MixGRPO).
+    aggregate: Literal["reward", "advantage"] = "reward"
     #: A reward that fails (raises, NaN, times out): ``stop`` the run, or ``skip`` the affected samples.
     on_error: Literal["stop", "skip"] = "stop"
 
 
 @dataclass
 class GRPOConfig:
-    algorithm: Literal["flow_grpo", "dance_grpo"] = "flow_grpo"
+    algorithm: Literal["flow_grpo", "dance_grpo", "mix_grpo"] = "flow_grpo"
     iterations: int = bounded(40, min=1)
     prompts_per_iteration: int = bounded(8, min=1, doc="groups per iteration (all processes together)")
     group_size: int = bounded(8, min=2)
@@ -78,6 +80,11 @@ class GRPOConfig:
     noise_level: float = bounded(0.7, min=0.0, max=10.0)
     window_size: int = bounded(0, min=0, doc="0: all steps SDE; >0: a random SDE window (Flow-GRPO-Fast)")
     window_high: int | None = bounded(None, min=1, doc="the window starts below this step (default steps // 2)")
+    window_kind: Literal["random", "progressive", "decay", "exp_decay", "fixed"] = "progressive"
+    window_dwell: int = bounded(25, min=1, doc="MixGRPO: iterations before the window moves")
+    window_stride: int = bounded(1, min=1, doc="MixGRPO: how far it moves (1: overlapping)")
+    window_roll_back: bool = True
+    window_max_steps: int | None = bounded(None, min=1, doc="MixGRPO: the window stays below this step (steps - 2)")
     timestep_fraction: float = bounded(0.99, min=0.0, max=1.0)
     random_timesteps: bool = False
     share_noise: bool = False

@@ -34,3 +34,27 @@ def test_reward_rises_well_above_seed_spread(tmp_path, seed_spread, config, min_
     gain = metrics["reward_after"] - metrics["reward_before"]
     assert seed_spread < 0.01
     assert gain > min_gain and gain > 5 * seed_spread, (gain, seed_spread)
+
+
+def test_mix_grpo_learns_two_rewards_with_advantage_aggregation(tmp_path, seed_spread):
+    """MixGRPO (sliding SDE window, per-reward advantages summed): bold digits + centring both on held-out
+    prompts and seeds. Measured: 1.488 -> 1.580 (+0.092) in 16 iterations."""
+    metrics = train("configs/toy/digits_mix_grpo.yaml", BUDGET + [f"output_dir={tmp_path}"], progress=False,
+                    print_fn=lambda *_: None)
+    assert metrics["reward_after"] - metrics["reward_before"] > max(0.04, 5 * seed_spread)
+
+
+def test_mix_grpo_window_and_aggregation():
+    from flowalign.algorithms.grpo.advantages import aggregated_advantages, group_advantages
+    from flowalign.algorithms.grpo.recipes import sde_and_train_steps
+    from flowalign.config import load_config
+
+    cfg = load_config("configs/toy/digits_mix_grpo.yaml").train
+    windows = [sde_and_train_steps(cfg, i)[0] for i in range(0, 30, 3)]
+    assert windows[:3] == [[0, 1, 2, 3], [1, 2, 3, 4], [2, 3, 4, 5]]  # slides by 1 every 3 iterations
+    assert max(max(w) for w in windows) < cfg.steps - 2
+    groups = torch.tensor([0, 0, 0, 1, 1, 1])
+    big, small = torch.tensor([100.0, 200, 300, 1, 2, 3]), torch.tensor([0.3, 0.2, 0.1, 0.1, 0.2, 0.3])
+    agg = aggregated_advantages({"big": big, "small": small}, {"big": 1.0, "small": 1.0}, groups, std="group")
+    assert torch.allclose(agg, group_advantages(big, groups, std="group") + group_advantages(small, groups, std="group"))
+    assert torch.allclose(agg[:3], torch.zeros(3), atol=1e-2)  # opposite rankings cancel, whatever the scales

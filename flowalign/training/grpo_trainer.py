@@ -18,7 +18,7 @@ import rewards as reward_lib
 from samplers.kernels import kl_to_reference, step, step_mean
 from samplers.rollout import Rollout, flatten_plan, run_plan
 
-from ..algorithms.grpo.advantages import group_advantages, transition_advantages
+from ..algorithms.grpo.advantages import aggregated_advantages, group_advantages, transition_advantages
 from ..algorithms.grpo.loss import clipped_policy_loss
 from ..algorithms.grpo.recipes import noise_schedule, rollout_plan
 from ..config import ConfigError, RunConfig
@@ -135,9 +135,12 @@ class GRPOTrainer:
         rewards_sorted, ids_sorted = all_rewards[order], all_ids[order]
         valid = torch.isfinite(rewards_sorted)
         adv = torch.zeros_like(rewards_sorted)
-        if bool(valid.any()):
-            adv[valid] = group_advantages(rewards_sorted[valid], ids_sorted[valid] // t.group_size, t.std,
-                                          t.std_eps, t.unbiased_std)
+        norm = dict(std=t.std, eps=t.std_eps, unbiased=t.unbiased_std)
+        if bool(valid.any()) and self.cfg.reward.aggregate == "advantage":
+            parts = {k: self.acc.gather(v.contiguous())[order][valid] for k, v in self.reward.last_scores.items()}
+            adv[valid] = aggregated_advantages(parts, self.reward.weights, ids_sorted[valid] // t.group_size, **norm)
+        elif bool(valid.any()):
+            adv[valid] = group_advantages(rewards_sorted[valid], ids_sorted[valid] // t.group_size, **norm)
         position = torch.searchsorted(ids_sorted, leaf_ids)
         return adv[position], rewards_sorted
 

@@ -33,3 +33,10 @@ def transition_advantages(leaf_advantages: torch.Tensor, transition_leaves: torc
     weights = transition_leaves.float()
     total = weights @ leaf_advantages.float()
     return total if reduce == "sum" else total / weights.sum(1).clamp_min(1)
+
+
+def aggregated_advantages(parts: dict[str, torch.Tensor], weights: dict[str, float], groups: torch.Tensor,
+                          **kwargs) -> torch.Tensor:
+    """MixGRPO's ``advantage_aggr``: normalise each reward within its groups, then sum with the weights,
+    so a reward with a large scale cannot drown the others."""
+    return sum(weights[name] * group_advantages(r, groups, **kwargs) for name, r in parts.items())

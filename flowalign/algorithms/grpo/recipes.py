@@ -1,4 +1,4 @@
-"""Flow-GRPO and DanceGRPO as recipes of the shared parts: which steps are SDE, which are trained, which
+"""Flow-GRPO, DanceGRPO and MixGRPO as recipes of the shared parts: which steps are SDE, which are trained, which
 noise, how advantages are normalised. Defaults from the papers live in ``configs/``; this file only maps
 a config onto the parts (grpo_family.md §1, §2)."""
 from __future__ import annotations
@@ -23,16 +23,26 @@ def sde_and_train_steps(cfg: GRPOConfig, iteration: int) -> tuple[list[int], lis
 
     - Flow-GRPO: all steps SDE; trains steps ``0 .. int(T·timestep_fraction) - 1`` in order;
     - Flow-GRPO-Fast (``window_size > 0``): SDE only in a random window below ``window_high``; trains it;
-    - DanceGRPO: all steps SDE; the last is never trained; a random ``timestep_fraction`` of the rest per sample.
+    - DanceGRPO: all steps SDE; the last is never trained; a random ``timestep_fraction`` of the rest per sample;
+    - MixGRPO: SDE only in a sliding window (``window_kind``, default progressive: ``window_size`` 4 steps,
+      moving by ``window_stride`` every ``window_dwell`` iterations below ``steps - 2``); trains it.
     """
     T = cfg.steps
-    if cfg.window_size:
-        window = WindowSchedule("random", size=cfg.window_size, high=cfg.window_high or T // 2, seed=cfg.seed)
-        steps = window.steps(iteration, T)
+    if cfg.algorithm == "mix_grpo" or cfg.window_size:
+        steps = sde_window(cfg).steps(iteration, T)
         return steps, steps, None
     if cfg.algorithm == "dance_grpo" or cfg.random_timesteps:
         return list(range(T)), list(range(T - 1)), cfg.timestep_fraction
     return list(range(T)), list(range(max(1, int(T * cfg.timestep_fraction)))), None
+
+
+def sde_window(cfg: GRPOConfig) -> WindowSchedule:
+    """MixGRPO's sliding window, or Flow-GRPO-Fast's random window drawn below ``window_high``."""
+    if cfg.algorithm == "mix_grpo":
+        return WindowSchedule(cfg.window_kind, size=cfg.window_size or 4, dwell=cfg.window_dwell,
+                              stride=cfg.window_stride, roll_back=cfg.window_roll_back,
+                              max_steps=cfg.window_max_steps or cfg.steps - 2, seed=cfg.seed)
+    return WindowSchedule("random", size=cfg.window_size, high=cfg.window_high or cfg.steps // 2, seed=cfg.seed)
 
 
 def rollout_plan(cfg: GRPOConfig, sigmas: torch.Tensor, iteration: int,
