@@ -25,6 +25,7 @@ BUILTIN: dict[str, str | Callable[..., Reward]] = {
     "toy/classifier": "rewards.toy.classifier:DigitClassifierReward",
     "toy/digit_match": "rewards.toy.classifier:DigitMatchReward",
     "toy/bold_digit": "rewards.toy.classifier:BoldDigitReward",
+    "toy/preference": "rewards.toy.preference:ToyPreference",
     "toy/ink": "rewards.toy.attributes:InkReward",
     "toy/bold": "rewards.toy.attributes:InkReward",
     "toy/size": "rewards.toy.attributes:SizeReward",

@@ -58,3 +58,21 @@ def test_mix_grpo_window_and_aggregation():
     agg = aggregated_advantages({"big": big, "small": small}, {"big": 1.0, "small": 1.0}, groups, std="group")
     assert torch.allclose(agg, group_advantages(big, groups, std="group") + group_advantages(small, groups, std="group"))
     assert torch.allclose(agg[:3], torch.zeros(3), atol=1e-2)  # opposite rankings cancel, whatever the scales
+
+
+def test_pref_grpo_moves_the_judges_hidden_utility(tmp_path):
+    """Pref-GRPO: rewards are win rates of every pair in a group under the toy preference model (trained on
+    "bolder and better centred wins"), mixed with the classifier. The hidden utility (ink + centring) rises on
+    held-out prompts and seeds. Measured: 1.126 -> 1.294 (+0.17) in 16 iterations; digit accuracy 1.00 -> 0.88."""
+    from flowalign.config import load_config
+    from flowalign.training.grpo_trainer import GRPOTrainer
+    from flowalign.training.report import evaluate_policy
+
+    tr = GRPOTrainer(load_config("configs/toy/digits_pref_grpo.yaml", BUDGET + [f"output_dir={tmp_path}"]))
+    utility = rewards.load_weighted({"toy/ink": 1.0, "toy/centered": 1.0})
+    prompts, meta = heldout_prompts(60, None)
+    before = evaluate_policy(tr.gen, utility, prompts, meta, 10, 3.0)[1].mean().item()
+    tr.fit(progress=False)
+    media, after = evaluate_policy(tr.gen, utility, prompts, meta, 10, 3.0)
+    assert after.mean().item() - before > 0.08
+    assert rewards.load("toy/digit_match").score(media, prompts, meta).mean() >= 0.75

@@ -126,3 +126,21 @@ def test_entry_point_plugin(tmp_path, monkeypatch):
     r = rewards.load("my/brightness")
     assert r.name == "my/brightness"
     assert torch.allclose(r.score(torch.full((2, 3, 4, 4), 0.25)), torch.full((2,), 0.25))
+
+
+def test_toy_preference_judges_pairs_like_its_hidden_utility():
+    from flowalign.toy.train_preference import pairwise_accuracy
+    from rewards.toy.preference import PreferenceNet, ToyPreference
+    from rewards.toy import WEIGHTS
+
+    images, _ = load_digits("test")
+    accuracy = pairwise_accuracy(PreferenceNet.from_pretrained(WEIGHTS / "preference"), images,
+                                 torch.Generator().manual_seed(5))
+    assert accuracy >= 0.85
+    judge = rewards.load("toy/preference")
+    assert isinstance(judge, ToyPreference) and judge.differentiable
+    rgb = ((images[:8] + 1) / 2).expand(-1, 3, -1, -1)
+    bold = F.max_pool2d(rgb, 3, stride=1, padding=1)
+    assert (judge.prefer(bold, rgb) > 0.5).float().mean() >= 0.75
+    wins = judge.score(torch.cat([rgb[:4], bold[:4]]), None, [{"group": 0}] * 8)
+    assert wins[4:].mean() > wins[:4].mean()

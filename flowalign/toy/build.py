@@ -28,11 +28,15 @@ def build_all(quick: bool = False, out: Path | None = None, seed: int = 0, print
     from .clip import train_clip
     from .digits_flow import FlowTrainConfig, train_digits_flow
     from .train_classifier import train_classifier
+    from .train_preference import train_preference
 
-    targets = {"digits": DIGITS_WEIGHTS, "classifier": REWARD_WEIGHTS / "classifier", "clip": REWARD_WEIGHTS / "clip"}
+    targets = {"digits": DIGITS_WEIGHTS, "classifier": REWARD_WEIGHTS / "classifier", "clip": REWARD_WEIGHTS / "clip",
+               "preference": REWARD_WEIGHTS / "preference"}
     if out is not None:
         targets = {name: Path(out) / name for name in targets}
-    steps = {"flow": 5000, "classifier": 1500, "clip": 1500} if not quick else {"flow": 10, "classifier": 40, "clip": 40}
+    steps = {"flow": 5000, "classifier": 1500, "clip": 1500, "preference": 800}
+    if quick:
+        steps = {"flow": 10, "classifier": 40, "clip": 40, "preference": 20}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         acc = train_classifier(tmp / "classifier", steps=steps["classifier"], seed=seed)
@@ -41,6 +45,9 @@ def build_all(quick: bool = False, out: Path | None = None, seed: int = 0, print
         zero_shot = train_clip(tmp / "clip", steps=steps["clip"], seed=seed)
         print_fn(f"tiny CLIP: held-out zero-shot accuracy {zero_shot:.3f}")
         _replace(tmp / "clip", targets["clip"])
+        agreement = train_preference(tmp / "preference", steps=steps["preference"], seed=seed)
+        print_fn(f"preference model: held-out pairwise agreement {agreement:.3f}")
+        _replace(tmp / "preference", targets["preference"])
         train_digits_flow(tmp / "digits", FlowTrainConfig(steps=steps["flow"], lr=5e-4, seed=seed))
         print_fn("digits flow model: trained")
         _replace(tmp / "digits", targets["digits"])

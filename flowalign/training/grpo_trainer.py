@@ -54,6 +54,10 @@ class GRPOTrainer:
         self.reward = reward_lib.load_weighted(cfg.reward.weights, cfg.reward.normalize,
                                                **cfg.reward.options).to(self.acc.device)
         self.reward.requires_grad_(False)  # frozen: kept out of accelerate's prepare
+        pairwise = [n for n, r in self.reward.parts.items() if isinstance(r, reward_lib.PairwiseReward)]
+        if pairwise and self.acc.num_processes > 1:
+            raise ConfigError(f"reward {pairwise[0]} is pairwise: it judges whole groups, which span processes; "
+                              "run it on one process (multi-process pairwise judging is not supported yet)")
         self.file_prompts = read_prompt_file(t.prompt_file) if t.prompt_file else None
         self.schedule = noise_schedule(t)
         self.lora = t.lora_rank > 0
@@ -109,14 +113,18 @@ class GRPOTrainer:
         self._cond = cond
         return rollout, prompts, meta, select, leaf_ids
 
-    def score(self, rollout: Rollout, prompts: list[str], meta: list[dict]) -> torch.Tensor:
-        """Decode the leaves and score them; a failing reward follows ``reward.on_error``."""
+    def score(self, rollout: Rollout, prompts: list[str], meta: list[dict],
+              leaf_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Decode the leaves and score them (``metadata["group"]``: the prompt group, which pairwise rewards
+        judge within); a failing reward follows ``reward.on_error``."""
         media = torch.cat([self.gen.decode(rollout.leaves[i:i + self.t.rollout_batch])
                            for i in range(0, rollout.leaves.shape[0], self.t.rollout_batch)])
         self.last_media = media[:16]
         rows = rollout.leaf_row.tolist()
+        groups = (leaf_ids // self.t.group_size).tolist() if leaf_ids is not None else rows
+        metadata = [{**meta[r], "group": g} for r, g in zip(rows, groups)]
         try:
-            return self.reward.score(media, [prompts[r] for r in rows], [meta[r] for r in rows])
+            return self.reward.score(media, [prompts[r] for r in rows], metadata)
         except (reward_lib.RewardError, TimeoutError, OSError) as err:
             if self.cfg.reward.on_error == "stop":
                 raise FlowalignError(f"reward failed at iteration {self.iteration} ({err}); "
@@ -219,7 +227,7 @@ class GRPOTrainer:
         rollout, prompts, meta, _, leaf_ids = self.rollout(iteration)
         times["time/sampling"] = time.perf_counter() - start
         start = time.perf_counter()
-        local_rewards = self.score(rollout, prompts, meta)
+        local_rewards = self.score(rollout, prompts, meta, leaf_ids)
         times["time/reward"] = time.perf_counter() - start
         start = time.perf_counter()
         leaf_adv, all_rewards = self.advantages(local_rewards, leaf_ids)
