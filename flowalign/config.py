@@ -102,6 +102,7 @@ class GRPOConfig:
     std: Literal["global", "group"] = "global"
     std_eps: float = bounded(1e-4, min=0.0)
     unbiased_std: bool = False
+    ratio_norm: bool = bounded(False, doc="GRPO-Guard: normalised, centred ratios and the loss divided by mean(sqrt dt)^2")
     beta: float = bounded(0.0, min=0.0, doc="KL weight to the LoRA-off base")
     kl_denominator: Literal["flow_grpo", "gaussian"] = "flow_grpo"
     lora_rank: int = bounded(32, min=0, doc="0: full fine-tuning")

@@ -56,6 +56,7 @@ class Rollout:
     sigma_next: torch.Tensor
     scale: torch.Tensor
     logp: torch.Tensor
+    mean: torch.Tensor  # the step's mean at sampling time (GRPO-Guard's ratio normalisation needs it)
     row: torch.Tensor  # conditioning row of each transition
     owner: torch.Tensor  # the node each transition belongs to
     # leaves [L]
@@ -137,7 +138,7 @@ def run_plan(velocity: VelocityFn, roots: list[Node], root_rows: torch.Tensor, x
     # live states: tensor + (node, position, row) per state
     states, where = x_init.float(), [(root, 0, int(r)) for root, r in zip(roots, root_rows.tolist())]
     transitions: dict[str, list[torch.Tensor]] = {k: [] for k in ("x", "x_next", "sigma", "sigma_next", "scale",
-                                                                  "logp", "row", "owner")}
+                                                                  "logp", "mean", "row", "owner")}
     leaves, leaf_nodes, leaf_rows, nfe = [], [], [], 0
     while where:
         live = [i for i, (node, k, _) in enumerate(where) if _outgoing(node, k)]
@@ -179,6 +180,7 @@ def run_plan(velocity: VelocityFn, roots: list[Node], root_rows: torch.Tensor, x
             transitions["sigma_next"].append(s_next[sel])
             transitions["scale"].append(scale[sel])
             transitions["logp"].append(step_logp(x_next[sel], mean[sel], std[sel], schedule))
+            transitions["mean"].append(mean[sel])
             transitions["row"].append(rows[p[sel]])
             transitions["owner"].append(torch.tensor([node_id[id(targets[e][0])] for e in trained], device=device))
         states = x_next
@@ -228,7 +230,7 @@ def _assemble(tr, leaves, leaf_nodes, leaf_rows, roots, nodes, nfe, schedule, x_
     return Rollout(
         x=cat("x", empty(0, *shape)), x_next=cat("x_next", empty(0, *shape)),
         sigma=cat("sigma", empty(0)), sigma_next=cat("sigma_next", empty(0)), scale=cat("scale", empty(0)),
-        logp=cat("logp", empty(0)), row=cat("row", empty(0, dtype=torch.long)),
+        logp=cat("logp", empty(0)), mean=cat("mean", empty(0, *shape)), row=cat("row", empty(0, dtype=torch.long)),
         owner=cat("owner", empty(0, dtype=torch.long)),
         leaves=torch.stack(leaves) if leaves else empty(0, *shape),
         leaf_row=torch.tensor(leaf_rows, dtype=torch.long, device=device),

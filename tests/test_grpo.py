@@ -174,3 +174,21 @@ def test_tensorboard_scalars_and_samples(tmp_path):
     for tag in ["reward/mean", "reward/std", "clip_fraction", "ratio_mean", "grad_norm", "nfe", "time/sampling"]:
         assert tag in tags["scalars"], tags
     assert "samples" in tags["images"]
+
+
+def test_grpo_guard_ratio_is_one_on_policy_and_trains(tmp_path):
+    """GRPO-Guard: with the policy unchanged the normalised ratio is exactly 1 (b = 0, logp = logp_old)."""
+    from flowalign.algorithms.grpo.loss import guard_log_ratio
+    from samplers.kernels import step
+
+    tr = trainer(tmp_path, "train.ratio_norm=true", "train.shuffle=false")
+    rollout, prompts, meta, _, leaf_ids = tr.rollout(0)
+    idx = torch.arange(8)
+    with torch.no_grad():
+        out = step(tr._velocity(rollout, idx), rollout.x[idx], rollout.sigma[idx], rollout.sigma_next[idx],
+                   schedule=tr.schedule, prev_sample=rollout.x_next[idx], noise_scale=rollout.scale[idx])
+    log_r, delta_bar = guard_log_ratio(out.logp, rollout.logp[idx], out.mean, rollout.mean[idx], out.std,
+                                       rollout.sigma[idx], rollout.sigma_next[idx])
+    assert torch.equal(log_r, torch.zeros(8)) and 0 < delta_bar < 1
+    history = trainer(tmp_path, "train.ratio_norm=true", "train.iterations=2", name="guard").fit(progress=False)
+    assert all(torch.isfinite(torch.tensor(h["policy_loss"])) for h in history)

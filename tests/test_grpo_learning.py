@@ -1,8 +1,9 @@
 """Flow-GRPO and DanceGRPO learn on the toy world: "bold digits" (classifier probability x capped ink)
 rises on held-out prompts (phrasings never trained on) and held-out seeds, far above the seed spread.
 
-Measured (2 CPU cores, 15-30 s each): base 0.664; Flow-GRPO -> 0.876 (+0.212), DanceGRPO -> 0.819 (+0.156)
-after 16 iterations of 4 groups x 8; the std of the base model's mean over 4 evaluation seeds is 0.004.
+Measured (2 CPU cores, 15-30 s each): base 0.664; Flow-GRPO -> 0.876 (+0.212), DanceGRPO -> 0.819 (+0.156),
+GRPO-Guard -> 0.909 (+0.245) after 16 iterations of 4 groups x 8; the std of the base model's mean over 4
+evaluation seeds is 0.004.
 """
 import pytest
 import torch
@@ -28,7 +29,8 @@ def seed_spread():
 
 
 @pytest.mark.parametrize("config, min_gain", [("configs/toy/digits_flow_grpo.yaml", 0.1),
-                                              ("configs/toy/digits_dance_grpo.yaml", 0.08)])
+                                              ("configs/toy/digits_dance_grpo.yaml", 0.08),
+                                              ("configs/toy/digits_grpo_guard.yaml", 0.1)])
 def test_reward_rises_well_above_seed_spread(tmp_path, seed_spread, config, min_gain):
     metrics = train(config, BUDGET + [f"output_dir={tmp_path}"], progress=False, print_fn=lambda *_: None)
     gain = metrics["reward_after"] - metrics["reward_before"]

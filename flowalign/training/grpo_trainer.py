@@ -19,7 +19,7 @@ from samplers.kernels import kl_to_reference, step, step_mean
 from samplers.rollout import Rollout, flatten_plan, run_plan
 
 from ..algorithms.grpo.advantages import aggregated_advantages, group_advantages, transition_advantages
-from ..algorithms.grpo.loss import clipped_policy_loss
+from ..algorithms.grpo.loss import clipped_policy_loss, guard_log_ratio
 from ..algorithms.grpo.recipes import noise_schedule, rollout_plan
 from ..config import ConfigError, RunConfig
 from ..errors import FlowalignError
@@ -197,7 +197,13 @@ class GRPOTrainer:
         v = self._velocity(rollout, idx)
         out = step(v, rollout.x[idx], rollout.sigma[idx], rollout.sigma_next[idx], schedule=self.schedule,
                    prev_sample=rollout.x_next[idx], noise_scale=rollout.scale[idx])
-        loss, stats = clipped_policy_loss(out.logp, old_logp, adv, self.t.clip_range, self.t.adv_clip)
+        log_ratio, divisor = None, 1.0
+        if self.t.ratio_norm:
+            log_ratio, divisor = guard_log_ratio(out.logp, old_logp, out.mean, rollout.mean[idx], out.std,
+                                                 rollout.sigma[idx], rollout.sigma_next[idx])
+        loss, stats = clipped_policy_loss(out.logp, old_logp, adv, self.t.clip_range, self.t.adv_clip,
+                                          log_ratio=log_ratio)
+        loss = loss / divisor
         if self.t.beta > 0:
             with torch.no_grad(), adapters_disabled(self.gen.trainable_module, self.lora):
                 v_ref = self._velocity(rollout, idx)

@@ -5,12 +5,13 @@ import torch
 
 
 def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
-                        clip_range: float, adv_clip: float = 5.0,
-                        weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                        clip_range: float, adv_clip: float = 5.0, weights: torch.Tensor | None = None,
+                        log_ratio: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``mean(max(-A·r, -A·clip(r, 1-ε, 1+ε)))`` with ``A`` clamped to ±adv_clip; returns the loss and its
-    statistics (ratio mean/min/max, clip fraction) as tensors (read them off the device when logging)."""
+    statistics (ratio mean/min/max, clip fraction) as tensors (read them off the device when logging).
+    ``log_ratio`` replaces ``logp - old_logp`` (GRPO-Guard's normalised ratio)."""
     adv = advantages.clamp(-adv_clip, adv_clip)
-    ratio = torch.exp(logp - old_logp)
+    ratio = torch.exp(logp - old_logp if log_ratio is None else log_ratio)
     unclipped = -adv * ratio
     clipped = -adv * ratio.clamp(1 - clip_range, 1 + clip_range)
     per_sample = torch.maximum(unclipped, clipped)
@@ -20,3 +21,18 @@ def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: 
              "ratio_max": ratio.detach().max(),
              "clip_fraction": ((ratio.detach() - 1).abs() > clip_range).float().mean()}
     return per_sample.mean(), stats
+
+
+def guard_log_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mean: torch.Tensor, old_mean: torch.Tensor,
+                    std: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """GRPO-Guard's ratio normalisation (grpo_family.md §1, implemented from the reference formula):
+    ``b = mean((μ_θ - μ_old)²) / (2(g·sqrt(Δ̄))²)``, ``log r = (logp - logp_old + b)·sqrt(Δ̄)·g`` with ``g`` the
+    step's diffusion coefficient and ``Δ̄ = mean(sqrt|Δσ|)²`` over the batch. Adding ``b`` centres the log-ratio
+    (zero mean under the old policy) and the scaling puts every timestep on one scale. Returns ``log r`` and
+    ``Δ̄``, by which the policy loss is divided."""
+    sqrt_dt = (sigma - sigma_next).abs().sqrt()
+    g = std / sqrt_dt.clamp_min(1e-12)
+    delta_bar = sqrt_dt.mean() ** 2
+    sq = ((mean.float() - old_mean.float()) ** 2).mean(dim=tuple(range(1, mean.ndim)))
+    b = sq / (2 * (g ** 2 * delta_bar).clamp_min(1e-20))
+    return (logp - old_logp + b) * delta_bar.sqrt() * g, delta_bar
