@@ -68,7 +68,7 @@ class RewardConfig:
 
 @dataclass
 class GRPOConfig:
-    algorithm: Literal["flow_grpo", "dance_grpo", "mix_grpo"] = "flow_grpo"
+    algorithm: Literal["flow_grpo", "dance_grpo", "mix_grpo", "tempflow_grpo", "g2rpo", "tree_grpo"] = "flow_grpo"
     iterations: int = bounded(40, min=1)
     prompts_per_iteration: int = bounded(8, min=1, doc="groups per iteration (all processes together)")
     group_size: int = bounded(8, min=2)
@@ -102,6 +102,12 @@ class GRPOConfig:
     std: Literal["global", "group"] = "global"
     std_eps: float = bounded(1e-4, min=0.0)
     unbiased_std: bool = False
+    branch_steps: list[int] = bounded([], doc="TempFlow-GRPO: steps that branch (empty: all but the last)")
+    noise_weight: float = bounded(2.25, min=0.0, doc="TempFlow-GRPO: loss weight c*std per step (0: off)")
+    sde_steps: list[int] = bounded([], doc="G2RPO: steps taking the single SDE step (empty: the first half)")
+    strides: list[int] = bounded([1, 2, 3], doc="G2RPO: ODE strides each branch is finished at")
+    tree_depth: int = bounded(3, min=1, max=8, doc="Dynamic-TreeRPO: binary splits at the window's first steps")
+    depth_noise_beta: float = bounded(0.5, min=0.0, doc="Dynamic-TreeRPO: noise x (1 + beta*depth/d), paper-approximate")
     ratio_norm: bool = bounded(False, doc="GRPO-Guard: normalised, centred ratios and the loss divided by mean(sqrt dt)^2")
     beta: float = bounded(0.0, min=0.0, doc="KL weight to the LoRA-off base")
     kl_denominator: Literal["flow_grpo", "gaussian"] = "flow_grpo"

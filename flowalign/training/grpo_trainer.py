@@ -18,9 +18,10 @@ import rewards as reward_lib
 from samplers.kernels import kl_to_reference, step, step_mean
 from samplers.rollout import Rollout, flatten_plan, run_plan
 
-from ..algorithms.grpo.advantages import aggregated_advantages, group_advantages, transition_advantages
+from ..algorithms.grpo.advantages import (aggregated_advantages, group_advantages, node_advantages,
+                                          transition_advantages)
 from ..algorithms.grpo.loss import clipped_policy_loss, guard_log_ratio
-from ..algorithms.grpo.recipes import noise_schedule, rollout_plan
+from ..algorithms.grpo.recipes import STRUCTURED, noise_schedule, rollout_plan, structured_plan
 from ..config import ConfigError, RunConfig
 from ..errors import FlowalignError
 from ..generators import load_generator
@@ -54,6 +55,8 @@ class GRPOTrainer:
         self.reward = reward_lib.load_weighted(cfg.reward.weights, cfg.reward.normalize,
                                                **cfg.reward.options).to(self.acc.device)
         self.reward.requires_grad_(False)  # frozen: kept out of accelerate's prepare
+        if t.algorithm in STRUCTURED and self.acc.num_processes > 1:
+            raise ConfigError(f"train.algorithm={t.algorithm}: trunk-sharing rollouts run on one process for now")
         pairwise = [n for n, r in self.reward.parts.items() if isinstance(r, reward_lib.PairwiseReward)]
         if pairwise and self.acc.num_processes > 1:
             raise ConfigError(f"reward {pairwise[0]} is pairwise: it judges whole groups, which span processes; "
@@ -84,13 +87,27 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------------ one iteration
 
-    def rollout(self, iteration: int) -> tuple[Rollout, list[str], list[dict], list[int], torch.Tensor]:
-        """Sample this process's trajectories; returns the rollout, the prompts, and the trajectory ids."""
+    def rollout(self, iteration: int) -> tuple[Rollout, list[str], list[dict], torch.Tensor, torch.Tensor]:
+        """Sample this process's share; returns the rollout, the prompts and metadata, each leaf's group, and
+        each leaf's id (global trajectory index; the leaf index for trunk-sharing plans)."""
         t, gen = self.t, self.gen
         prompts, meta = iteration_prompts(t, iteration, self.file_prompts)
-        select = local_trajectories(t, self.acc.process_index, self.acc.num_processes)
         cond = gen.encode(prompts, negative_prompt=self.cfg.sample.negative_prompt if t.guidance != 1.0 else None)
         sigmas = gen.sigmas(t.steps)
+        self._cond = cond
+
+        def velocity(x, sigma, r):
+            return gen.velocity(x, sigma, cond.select(r), guidance=t.guidance)
+
+        if t.algorithm in STRUCTURED:  # one root per prompt; groups come from the plan (one process)
+            roots, rows = structured_plan(t, sigmas, iteration)
+            shared = torch.Generator().manual_seed(_seed(t.seed, iteration))
+            with torch.no_grad():
+                rollout = run_plan(velocity, roots, rows.to(gen.device), gen.initial_noise(len(roots), shared),
+                                   self.schedule, shared, max_batch=t.rollout_batch)
+            return rollout, prompts, meta, rollout.leaf_group, torch.arange(rollout.leaves.shape[0],
+                                                                             device=gen.device)
+        select = local_trajectories(t, self.acc.process_index, self.acc.num_processes)
         roots, rows = rollout_plan(t, sigmas, iteration, select)
         total = t.prompts_per_iteration * t.group_size
         shared = torch.Generator().manual_seed(_seed(t.seed, iteration))  # identical on every process
@@ -102,26 +119,22 @@ class GRPOTrainer:
             round_noise = torch.randn((total, *gen.latent_shape), generator=shared)
             return round_noise[torch.tensor([key.get(id(n), 0) for n in nodes])]
 
-        def velocity(x, sigma, r):
-            return gen.velocity(x, sigma, cond.select(r), guidance=t.guidance)
-
         with torch.no_grad():
             rollout = run_plan(velocity, roots, rows.to(gen.device), x0, self.schedule, max_batch=t.rollout_batch,
                                noise_fn=noise_fn)
         nodes = flatten_plan(roots)
         leaf_ids = torch.tensor([key[id(nodes[i])] for i in rollout.leaf_node.tolist()], device=gen.device)
-        self._cond = cond
-        return rollout, prompts, meta, select, leaf_ids
+        return rollout, prompts, meta, leaf_ids // t.group_size, leaf_ids
 
     def score(self, rollout: Rollout, prompts: list[str], meta: list[dict],
-              leaf_ids: torch.Tensor | None = None) -> torch.Tensor:
+              leaf_groups: torch.Tensor | None = None) -> torch.Tensor:
         """Decode the leaves and score them (``metadata["group"]``: the prompt group, which pairwise rewards
         judge within); a failing reward follows ``reward.on_error``."""
         media = torch.cat([self.gen.decode(rollout.leaves[i:i + self.t.rollout_batch])
                            for i in range(0, rollout.leaves.shape[0], self.t.rollout_batch)])
         self.last_media = media[:16]
         rows = rollout.leaf_row.tolist()
-        groups = (leaf_ids // self.t.group_size).tolist() if leaf_ids is not None else rows
+        groups = leaf_groups.tolist() if leaf_groups is not None else rows
         metadata = [{**meta[r], "group": g} for r, g in zip(rows, groups)]
         try:
             return self.reward.score(media, [prompts[r] for r in rows], metadata)
@@ -133,29 +146,45 @@ class GRPOTrainer:
                   "skipping these samples")
             return torch.full((media.shape[0],), float("nan"), device=media.device)
 
-    def advantages(self, local_rewards: torch.Tensor, leaf_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def advantages(self, local_rewards: torch.Tensor, leaf_ids: torch.Tensor,
+                   leaf_groups: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Gather every process's rewards and trajectory ids, normalise per prompt group, take this
         process's share back. Samples with a NaN reward (skipped) get advantage 0."""
         t = self.t
         all_rewards = self.acc.gather(local_rewards.contiguous())
         all_ids = self.acc.gather(leaf_ids.contiguous())
+        groups = leaf_ids // t.group_size if leaf_groups is None else leaf_groups
         order = torch.argsort(all_ids)
         rewards_sorted, ids_sorted = all_rewards[order], all_ids[order]
+        groups_sorted = self.acc.gather(groups.contiguous())[order]
         valid = torch.isfinite(rewards_sorted)
         adv = torch.zeros_like(rewards_sorted)
         norm = dict(std=t.std, eps=t.std_eps, unbiased=t.unbiased_std)
         if bool(valid.any()) and self.cfg.reward.aggregate == "advantage":
             parts = {k: self.acc.gather(v.contiguous())[order][valid] for k, v in self.reward.last_scores.items()}
-            adv[valid] = aggregated_advantages(parts, self.reward.weights, ids_sorted[valid] // t.group_size, **norm)
+            adv[valid] = aggregated_advantages(parts, self.reward.weights, groups_sorted[valid], **norm)
         elif bool(valid.any()):
-            adv[valid] = group_advantages(rewards_sorted[valid], ids_sorted[valid] // t.group_size, **norm)
+            adv[valid] = group_advantages(rewards_sorted[valid], groups_sorted[valid], **norm)
         position = torch.searchsorted(ids_sorted, leaf_ids)
         return adv[position], rewards_sorted
 
-    def train_step(self, rollout: Rollout, leaf_adv: torch.Tensor, iteration: int) -> dict[str, float]:
+    def transition_advantages(self, rollout: Rollout, leaf_adv: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:
+        """Each stored transition's advantage: its leaf's (G²RPO: the sum over its strides' leaves; trees: its
+        node's, from the mean reward below it, normalised per prompt and depth)."""
+        t = self.t
+        if t.algorithm == "tree_grpo":
+            valid = torch.isfinite(rewards)
+            node_adv = node_advantages(torch.where(valid, rewards, torch.zeros_like(rewards)),
+                                       rollout.node_leaves & valid, rollout.node_group, std=t.std, eps=t.std_eps,
+                                       unbiased=t.unbiased_std)
+            return node_adv[rollout.owner]
+        return transition_advantages(leaf_adv, rollout.transition_leaves, "sum" if t.algorithm == "g2rpo" else "mean")
+
+    def train_step(self, rollout: Rollout, leaf_adv: torch.Tensor, iteration: int,
+                   rewards: torch.Tensor | None = None) -> dict[str, float]:
         """The clipped-ratio updates over the stored transitions (``updates_per_iteration`` optimizer steps)."""
         t = self.t
-        adv = transition_advantages(leaf_adv, rollout.transition_leaves)
+        adv = self.transition_advantages(rollout, leaf_adv, rewards)
         n = rollout.num_transitions
         stats: dict[str, list[torch.Tensor]] = {}
         old_logp = rollout.logp if t.old_logp == "rollout" else self._recompute_logp(rollout)
@@ -201,8 +230,9 @@ class GRPOTrainer:
         if self.t.ratio_norm:
             log_ratio, divisor = guard_log_ratio(out.logp, old_logp, out.mean, rollout.mean[idx], out.std,
                                                  rollout.sigma[idx], rollout.sigma_next[idx])
+        weights = self.t.noise_weight * out.std if self.t.algorithm == "tempflow_grpo" and self.t.noise_weight else None
         loss, stats = clipped_policy_loss(out.logp, old_logp, adv, self.t.clip_range, self.t.adv_clip,
-                                          log_ratio=log_ratio)
+                                          weights=weights, log_ratio=log_ratio)
         loss = loss / divisor
         if self.t.beta > 0:
             with torch.no_grad(), adapters_disabled(self.gen.trainable_module, self.lora):
@@ -230,14 +260,14 @@ class GRPOTrainer:
     def run_iteration(self, iteration: int) -> dict[str, float]:
         times = {}
         start = time.perf_counter()
-        rollout, prompts, meta, _, leaf_ids = self.rollout(iteration)
+        rollout, prompts, meta, leaf_groups, leaf_ids = self.rollout(iteration)
         times["time/sampling"] = time.perf_counter() - start
         start = time.perf_counter()
-        local_rewards = self.score(rollout, prompts, meta, leaf_ids)
+        local_rewards = self.score(rollout, prompts, meta, leaf_groups)
         times["time/reward"] = time.perf_counter() - start
         start = time.perf_counter()
-        leaf_adv, all_rewards = self.advantages(local_rewards, leaf_ids)
-        stats = self.train_step(rollout, leaf_adv, iteration)
+        leaf_adv, all_rewards = self.advantages(local_rewards, leaf_ids, leaf_groups)
+        stats = self.train_step(rollout, leaf_adv, iteration, local_rewards)
         times["time/training"] = time.perf_counter() - start
         finite = all_rewards[torch.isfinite(all_rewards)]
         parts = {f"reward/{name}": self.acc.gather(s.contiguous()).mean().item()

@@ -40,3 +40,15 @@ def aggregated_advantages(parts: dict[str, torch.Tensor], weights: dict[str, flo
     """MixGRPO's ``advantage_aggr``: normalise each reward within its groups, then sum with the weights,
     so a reward with a large scale cannot drown the others."""
     return sum(weights[name] * group_advantages(r, groups, **kwargs) for name, r in parts.items())
+
+
+def node_advantages(leaf_rewards: torch.Tensor, node_leaves: torch.Tensor, node_group: torch.Tensor,
+                    **kwargs) -> torch.Tensor:
+    """Tree advantages (BranchGRPO / Dynamic-TreeRPO): a node's reward is the mean of the leaves below it,
+    normalised among the nodes of its group (the same prompt and depth)."""
+    weights = node_leaves.float()
+    has_leaves = weights.sum(1) > 0
+    node_reward = (weights @ leaf_rewards.float()) / weights.sum(1).clamp_min(1)
+    adv = torch.zeros_like(node_reward)
+    adv[has_leaves] = group_advantages(node_reward[has_leaves], node_group[has_leaves], **kwargs)
+    return adv

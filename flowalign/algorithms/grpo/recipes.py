@@ -7,7 +7,7 @@ import torch
 
 from samplers.kernels import NoiseSchedule, cps, dance, flow_grpo
 from samplers.rollout import Node
-from samplers.structures import independent
+from samplers.structures import branches, independent, linear_depth_noise, singular, tree
 from samplers.windows import WindowSchedule
 
 from ...config import GRPOConfig
@@ -52,3 +52,30 @@ def rollout_plan(cfg: GRPOConfig, sigmas: torch.Tensor, iteration: int,
     return independent(sigmas, cfg.prompts_per_iteration, cfg.group_size, sde_steps=sde, train_steps=train,
                        train_fraction=fraction, share_prefix=cfg.share_noise,
                        seed=cfg.seed * 7919 + iteration, select=select)
+
+
+#: Variants whose rollouts share a trunk per prompt (one root per prompt, groups inside the plan).
+STRUCTURED = ("tempflow_grpo", "g2rpo", "tree_grpo")
+
+
+def structured_plan(cfg: GRPOConfig, sigmas: torch.Tensor, iteration: int) -> tuple[list[Node], torch.Tensor]:
+    """TempFlow-GRPO, G²RPO and Dynamic-TreeRPO plans over all of the iteration's prompts (grpo_family.md §4-§6).
+
+    - TempFlow-GRPO: an ODE trunk; ``group_size`` SDE branches at each of ``branch_steps`` (default all but the
+      last), each finished by ODE; a group per (prompt, step);
+    - G²RPO: one SDE step at each of ``sde_steps`` (default the first half), ``group_size`` branches each
+      finished at every stride; a group per (prompt, step, stride);
+    - Dynamic-TreeRPO: binary splits at the first ``tree_depth`` steps of a sliding SDE window (MixGRPO's
+      schedule), ODE outside, noise rising with depth (``depth_noise_beta``, paper-approximate).
+    """
+    T, P = cfg.steps, cfg.prompts_per_iteration
+    if cfg.algorithm == "tempflow_grpo":
+        return branches(sigmas, P, cfg.branch_steps or list(range(T - 1)), num_branches=cfg.group_size)
+    if cfg.algorithm == "g2rpo":
+        return singular(sigmas, P, cfg.sde_steps or list(range(T // 2)), group_size=cfg.group_size,
+                        strides=tuple(cfg.strides))
+    window = WindowSchedule(cfg.window_kind, size=max(cfg.window_size, cfg.tree_depth), dwell=cfg.window_dwell,
+                            stride=cfg.window_stride, roll_back=cfg.window_roll_back,
+                            max_steps=cfg.window_max_steps or T - 1, seed=cfg.seed).steps(iteration, T)
+    return tree(sigmas, P, window[:cfg.tree_depth], branching=2, sde_steps=window,
+                depth_noise=linear_depth_noise(cfg.depth_noise_beta))
