@@ -21,16 +21,23 @@ from flowalign.training.grpo_trainer import GRPOTrainer
 from flowalign.training.report import evaluate_policy, heldout_prompts
 
 RESULTS = Path(__file__).resolve().parent / "results"
+BOLD = ["reward.weights={toy/bold_digit: 1.0}", "reward.aggregate=reward"]  # the same task for every variant
 VARIANTS = {"Flow-GRPO": ("configs/toy/digits_flow_grpo.yaml", []),
             "Flow-GRPO-Fast": ("configs/toy/digits_flow_grpo_fast.yaml", []),
             "Flow-GRPO + CPS": ("configs/toy/digits_flow_grpo.yaml", ["train.noise=cps", "train.noise_level=0.8"]),
-            "DanceGRPO": ("configs/toy/digits_dance_grpo.yaml", [])}
+            "DanceGRPO": ("configs/toy/digits_dance_grpo.yaml", []),
+            "MixGRPO": ("configs/toy/digits_mix_grpo.yaml", BOLD),
+            "GRPO-Guard": ("configs/toy/digits_grpo_guard.yaml", []),
+            "TempFlow-GRPO": ("configs/toy/digits_tempflow_grpo.yaml", ["train.group_size=4"]),
+            "G2RPO": ("configs/toy/digits_g2rpo.yaml", ["train.group_size=4"]),
+            "Dynamic-TreeRPO": ("configs/toy/digits_tree_grpo.yaml", []),
+            "Pref-GRPO (judge)": ("configs/toy/digits_pref_grpo.yaml", [])}
 
 
 def make(config: str, extra: list[str], args, out: str) -> GRPOTrainer:
     overrides = [f"train.prompts_per_iteration={args.prompts}", f"train.group_size={args.group}",
                  f"train.steps={args.steps}", "train.checkpoint_every=0", "train.eval_prompts=0",
-                 f"train.iterations={args.iterations}", f"output_dir={out}", *extra]
+                 f"train.iterations={args.iterations}", f"output_dir={out}", *extra]  # extra overrides last
     return GRPOTrainer(load_config(config, overrides))
 
 
@@ -89,16 +96,20 @@ def overhead(args) -> dict:
 
 
 def gain_per_nfe(args) -> dict:
+    import rewards
+
     out = {}
+    bold = rewards.load("toy/bold_digit")  # every variant is judged on the same held-out reward
     for name, (config, extra) in VARIANTS.items():
-        tr = make(config, extra, args, f"/tmp/flowalign_bench_{name}")
+        tr = make(config, extra, args, f"/tmp/flowalign_bench_{name.split()[0]}")
         prompts, meta = heldout_prompts(args.eval_prompts, None)
-        before = evaluate_policy(tr.gen, tr.reward, prompts, meta, 10, tr.t.guidance)[1].mean().item()
+        before = evaluate_policy(tr.gen, bold, prompts, meta, 10, tr.t.guidance)[1].mean().item()
         history = tr.fit(progress=False)
-        after = evaluate_policy(tr.gen, tr.reward, prompts, meta, 10, tr.t.guidance)[1].mean().item()
+        after = evaluate_policy(tr.gen, bold, prompts, meta, 10, tr.t.guidance)[1].mean().item()
         nfe = sum(h["nfe"] for h in history)
+        seconds = sum(h["time/sampling"] + h["time/reward"] + h["time/training"] for h in history)
         out[name] = {"before": before, "after": after, "nfe": nfe, "gain_per_1k_nfe": (after - before) / nfe * 1e3,
-                     "seconds": sum(h["time/sampling"] + h["time/reward"] + h["time/training"] for h in history)}
+                     "seconds": seconds, "seconds_per_iteration": seconds / len(history)}
     return out
 
 
@@ -117,10 +128,10 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"toy digits, {args.prompts} groups x {args.group}, {args.steps} steps, CFG 3, CPU {torch.get_num_threads()} threads")
     print(f"one iteration: sampling {s['time/sampling']:.2f}s, reward {s['time/reward']:.2f}s, "
           f"training {s['time/training']:.2f}s; total {ov['iteration_s']:.2f}s vs pure model passes {ov['pure_s']:.2f}s")
-    print(f"{'variant':<18}{'before':>9}{'after':>9}{'rollout NFE':>13}{'gain/1k NFE':>13}{'seconds':>9}")
+    print(f"{'variant':<20}{'before':>9}{'after':>9}{'rollout NFE':>13}{'gain/1k NFE':>13}{'s/iter':>9}")
     for name, g in gains.items():
-        print(f"{name:<18}{g['before']:>9.4f}{g['after']:>9.4f}{g['nfe']:>13.0f}{g['gain_per_1k_nfe']:>13.5f}"
-              f"{g['seconds']:>9.1f}")
+        print(f"{name:<20}{g['before']:>9.4f}{g['after']:>9.4f}{g['nfe']:>13.0f}{g['gain_per_1k_nfe']:>13.5f}"
+              f"{g['seconds_per_iteration']:>9.2f}")
     print(f"headline: iteration time / pure model passes = {ov['overhead']:.3f}x")
     RESULTS.mkdir(exist_ok=True)
     result = {"args": vars(args), "overhead": ov, "variants": gains}

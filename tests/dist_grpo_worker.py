@@ -44,8 +44,8 @@ def main(argv: list[str]) -> None:
     record: dict[str, torch.Tensor] = {}
     advantages = trainer.advantages
 
-    def recording_advantages(local_rewards, leaf_ids):
-        leaf_adv, rewards_sorted = advantages(local_rewards, leaf_ids)
+    def recording_advantages(local_rewards, leaf_ids, leaf_groups=None):
+        leaf_adv, rewards_sorted = advantages(local_rewards, leaf_ids, leaf_groups)
         ids = acc.gather(leaf_ids.contiguous())
         adv = acc.gather(leaf_adv.contiguous())
         order = torch.argsort(ids)

@@ -66,3 +66,25 @@ def test_composite_normalisation():
     first = running.score(media)
     assert torch.allclose(first, z(ink), atol=1e-3)  # the first batch sets the statistics
     assert set(running.stats) == {"toy/ink"}
+
+
+def test_pref_grpo_win_rates_do_not_invent_advantages():
+    """Pref-GRPO's "illusory advantage": z-scoring near-identical pointwise scores spreads them to ±1.5, while
+    a judge that calls indistinguishable pairs a tie gives equal win rates and no advantage at all."""
+    from flowalign.algorithms.grpo.advantages import group_advantages
+
+    class Judge(PairwiseReward):
+        name = "test/judge"
+
+        def _prefer(self, a, b, prompts):
+            diff = a.mean(dim=(1, 2, 3)) - b.mean(dim=(1, 2, 3))
+            return torch.where(diff.abs() < 0.01, torch.full_like(diff, 0.5), (diff > 0).float())
+
+    levels = 0.5 + 1e-4 * torch.arange(8.0)  # scores that differ in the 4th decimal
+    media = levels.view(-1, 1, 1, 1).expand(-1, 3, 4, 4).contiguous()
+    groups = torch.zeros(8, dtype=torch.long)
+    pointwise = group_advantages(levels, groups, std="group", eps=1e-8)
+    win_rates = Judge().score(media, None, [{"group": 0}] * 8)
+    pairwise = group_advantages(win_rates, groups, std="group", eps=1e-8)
+    assert pointwise.abs().max() > 1.4 and torch.equal(win_rates, torch.full((8,), 0.5))
+    assert pairwise.std() <= pointwise.std() and pairwise.abs().max() == 0
