@@ -108,6 +108,10 @@ class GRPOConfig:
     strides: list[int] = bounded([1, 2, 3], doc="G2RPO: ODE strides each branch is finished at")
     tree_depth: int = bounded(3, min=1, max=8, doc="Dynamic-TreeRPO: binary splits at the window's first steps")
     depth_noise_beta: float = bounded(0.5, min=0.0, doc="Dynamic-TreeRPO: noise x (1 + beta*depth/d), paper-approximate")
+    clip_dynamic: bool = bounded(False, doc="Dynamic-TreeRPO: reward-conditioned clip bounds (paper-approximate)")
+    clip_low: float = bounded(1e-4, min=0.0)
+    clip_high: float = bounded(1e-3, min=0.0)
+    clip_eta: float = bounded(1.0, min=0.0)
     ratio_norm: bool = bounded(False, doc="GRPO-Guard: normalised, centred ratios and the loss divided by mean(sqrt dt)^2")
     beta: float = bounded(0.0, min=0.0, doc="KL weight to the LoRA-off base")
     kl_denominator: Literal["flow_grpo", "gaussian"] = "flow_grpo"

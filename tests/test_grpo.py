@@ -192,3 +192,14 @@ def test_grpo_guard_ratio_is_one_on_policy_and_trains(tmp_path):
     assert torch.equal(log_r, torch.zeros(8)) and 0 < delta_bar < 1
     history = trainer(tmp_path, "train.ratio_norm=true", "train.iterations=2", name="guard").fit(progress=False)
     assert all(torch.isfinite(torch.tensor(h["policy_loss"])) for h in history)
+
+
+def test_reward_conditioned_clip_bounds():
+    from flowalign.algorithms.grpo.loss import clipped_policy_loss, reward_conditioned_clip
+
+    adv = torch.tensor([0.0, 0.5, 3.0, -3.0])
+    clip = reward_conditioned_clip(adv, 1e-4, 1e-3, 1.0)
+    assert clip[0] == 1e-4 and clip[1] < clip[2] and clip[2] == clip[3] and (clip <= 1e-3).all()
+    logp = torch.log(torch.full((4,), 1.0005))  # every ratio 1.0005: clipped only where the bound is < 5e-4
+    _, stats = clipped_policy_loss(logp, torch.zeros(4), adv, clip)
+    assert stats["clip_fraction"].item() == 0.25  # only A = 0 keeps the low bound 1e-4

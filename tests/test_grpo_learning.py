@@ -3,7 +3,7 @@ rises on held-out prompts (phrasings never trained on) and held-out seeds, far a
 
 Measured (2 CPU cores, 15-30 s each): base 0.664; Flow-GRPO -> 0.876 (+0.212), DanceGRPO -> 0.819 (+0.156),
 GRPO-Guard -> 0.909 (+0.245) after 16 iterations of 4 groups x 8; TempFlow-GRPO -> 0.797 (+0.134),
-G²RPO -> 0.735 (+0.071), Dynamic-TreeRPO -> 0.940 (+0.276) with their configs' group layouts; the std of the
+G²RPO -> 0.735 (+0.071), Dynamic-TreeRPO (with dynamic clipping) -> 0.932 (+0.269) with their configs' group layouts; the std of the
 base model's mean over 4 evaluation seeds is 0.004.
 """
 import pytest

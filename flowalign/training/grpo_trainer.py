@@ -20,7 +20,7 @@ from samplers.rollout import Rollout, flatten_plan, run_plan
 
 from ..algorithms.grpo.advantages import (aggregated_advantages, group_advantages, node_advantages,
                                           transition_advantages)
-from ..algorithms.grpo.loss import clipped_policy_loss, guard_log_ratio
+from ..algorithms.grpo.loss import clipped_policy_loss, guard_log_ratio, reward_conditioned_clip
 from ..algorithms.grpo.recipes import STRUCTURED, noise_schedule, rollout_plan, structured_plan
 from ..config import ConfigError, RunConfig
 from ..errors import FlowalignError
@@ -231,7 +231,9 @@ class GRPOTrainer:
             log_ratio, divisor = guard_log_ratio(out.logp, old_logp, out.mean, rollout.mean[idx], out.std,
                                                  rollout.sigma[idx], rollout.sigma_next[idx])
         weights = self.t.noise_weight * out.std if self.t.algorithm == "tempflow_grpo" and self.t.noise_weight else None
-        loss, stats = clipped_policy_loss(out.logp, old_logp, adv, self.t.clip_range, self.t.adv_clip,
+        clip = (reward_conditioned_clip(adv, self.t.clip_low, self.t.clip_high, self.t.clip_eta)
+                if self.t.clip_dynamic else self.t.clip_range)
+        loss, stats = clipped_policy_loss(out.logp, old_logp, adv, clip, self.t.adv_clip,
                                           weights=weights, log_ratio=log_ratio)
         loss = loss / divisor
         if self.t.beta > 0:

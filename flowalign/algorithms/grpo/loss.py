@@ -5,15 +5,16 @@ import torch
 
 
 def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
-                        clip_range: float, adv_clip: float = 5.0, weights: torch.Tensor | None = None,
+                        clip_range: float | torch.Tensor, adv_clip: float = 5.0, weights: torch.Tensor | None = None,
                         log_ratio: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``mean(max(-A·r, -A·clip(r, 1-ε, 1+ε)))`` with ``A`` clamped to ±adv_clip; returns the loss and its
     statistics (ratio mean/min/max, clip fraction) as tensors (read them off the device when logging).
-    ``log_ratio`` replaces ``logp - old_logp`` (GRPO-Guard's normalised ratio)."""
+    ``log_ratio`` replaces ``logp - old_logp`` (GRPO-Guard's normalised ratio); ``clip_range`` may be a
+    per-sample tensor (dynamic clipping)."""
     adv = advantages.clamp(-adv_clip, adv_clip)
     ratio = torch.exp(logp - old_logp if log_ratio is None else log_ratio)
     unclipped = -adv * ratio
-    clipped = -adv * ratio.clamp(1 - clip_range, 1 + clip_range)
+    clipped = -adv * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
     per_sample = torch.maximum(unclipped, clipped)
     if weights is not None:
         per_sample = per_sample * weights
@@ -36,3 +37,10 @@ def guard_log_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mean: torch.Tens
     sq = ((mean.float() - old_mean.float()) ** 2).mean(dim=tuple(range(1, mean.ndim)))
     b = sq / (2 * (g ** 2 * delta_bar).clamp_min(1e-20))
     return (logp - old_logp + b) * delta_bar.sqrt() * g, delta_bar
+
+
+def reward_conditioned_clip(advantages: torch.Tensor, low: float, high: float, eta: float) -> torch.Tensor:
+    """Dynamic-TreeRPO's reward-conditioned clip bound, per sample, in ``[low, high]``: samples whose
+    advantage is larger in magnitude may move further, ``low + (high - low)·tanh(η·|A|)``.
+    Paper-approximate: the paper (Eq. 11) gives the bounds and a sensitivity factor η, not this exact form."""
+    return low + (high - low) * torch.tanh(eta * advantages.abs())
