@@ -5,12 +5,10 @@ the token ids seen in its training captions; every other id maps to ``<unk>``.
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
+
+from rewards.toy.saved_model import SavedModel
 
 PAD, UNK = 0, 1
 EOT_ID = 49407  # open_clip's <end_of_text>, the largest id: its position is argmax(ids)
@@ -23,7 +21,7 @@ def clip_tokenizer(context_length: int):
     return SimpleTokenizer(context_length=context_length)
 
 
-class ToyTextEncoder(nn.Module):
+class ToyTextEncoder(SavedModel):
     """Prompts -> token embeddings ``[B,L,D]`` and a pooled embedding ``[B,D]`` at the end-of-text token."""
 
     def __init__(self, known_ids: list[int], width: int = 64, layers: int = 2, heads: int = 4,
@@ -56,19 +54,6 @@ class ToyTextEncoder(nn.Module):
         h = self.final_norm(self.transformer(h, src_key_padding_mask=local == PAD))
         pooled = h[torch.arange(h.shape[0], device=h.device), ids.argmax(dim=-1)]
         return h, pooled
-
-    def save_pretrained(self, directory: str | Path) -> None:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / "config.json").write_text(json.dumps(self.config))
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, directory / "model.safetensors")
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path) -> "ToyTextEncoder":
-        directory = Path(directory)
-        model = cls(**json.loads((directory / "config.json").read_text()))
-        model.load_state_dict(load_file(directory / "model.safetensors"))
-        return model.eval()
 
 
 def known_token_ids(captions: list[str], context_length: int) -> list[int]:

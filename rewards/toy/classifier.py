@@ -1,19 +1,18 @@
 """The toy digit classifier (a small CNN on 16x16 digits) and the rewards it judges with."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..base import InputSpec, Reward
 from . import WEIGHTS
+from .saved_model import SavedModel
 from .digits import target_digits
 
 
-class DigitClassifier(nn.Module):
+class DigitClassifier(SavedModel):
     """Grey images ``[B,1,16,16]`` in [-1,1] -> logits over the ten digits."""
 
     def __init__(self, width: int = 32):
@@ -27,19 +26,6 @@ class DigitClassifier(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images)
-
-    def save_pretrained(self, directory: str | Path) -> None:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / "config.json").write_text(json.dumps(self.config))
-        save_file(self.state_dict(), directory / "model.safetensors")
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path) -> "DigitClassifier":
-        directory = Path(directory)
-        model = cls(**json.loads((directory / "config.json").read_text()))
-        model.load_state_dict(load_file(directory / "model.safetensors"))
-        return model.eval()
 
 
 def to_grey(images: torch.Tensor) -> torch.Tensor:

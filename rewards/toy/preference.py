@@ -6,19 +6,18 @@ a judge that knows something real, while only ever answering pairwise questions.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..base import InputSpec, PairwiseReward
 from . import WEIGHTS
+from .saved_model import SavedModel
 from .classifier import to_grey
 
 
-class PreferenceNet(nn.Module):
+class PreferenceNet(SavedModel):
     """Grey ``[B,1,16,16]`` in [-1,1] -> a scalar utility per image."""
 
     def __init__(self, width: int = 16):
@@ -32,19 +31,6 @@ class PreferenceNet(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images).squeeze(-1)
-
-    def save_pretrained(self, directory: str | Path) -> None:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / "config.json").write_text(json.dumps(self.config))
-        save_file(self.state_dict(), directory / "model.safetensors")
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path) -> "PreferenceNet":
-        directory = Path(directory)
-        model = cls(**json.loads((directory / "config.json").read_text()))
-        model.load_state_dict(load_file(directory / "model.safetensors"))
-        return model.eval()
 
 
 class ToyPreference(PairwiseReward):
