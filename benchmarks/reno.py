@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.timing import time_side_by_side
+
 import flowalign
 from flowalign.algorithms.reno import sample_with_grad
 
@@ -34,16 +35,6 @@ RESULTS = Path(__file__).resolve().parent / "results"
 PROMPTS = ["a handwritten seven", "the digit 3", "a handwritten two", "a handwritten five"]
 
 
-def time_side_by_side(a, b, repeats: int) -> tuple[float, float]:
-    """Median wall times of ``a`` and ``b``, run alternately (so drifts in machine load hit both alike)."""
-    a(), b()  # warm-up
-    times_a, times_b = [], []
-    for _ in range(repeats):
-        for fn, times in ((a, times_a), (b, times_b)):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-    return statistics.median(times_a), statistics.median(times_b)
 
 
 def toy_timing(steps: int, iterations: int, repeats: int) -> dict:

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
+
+from benchmarks.timing import time_side_by_side
 
 import flowalign
 from samplers.kernels import flow_grpo
@@ -39,16 +39,6 @@ def structure_plans(sigmas: torch.Tensor, prompts: int, group: int) -> dict:
     }
 
 
-def time_side_by_side(a, b, repeats: int) -> tuple[float, float]:
-    """Median wall times of ``a`` and ``b``, run alternately (so drifts in machine load hit both alike)."""
-    a(), b()  # warm-up
-    times_a, times_b = [], []
-    for _ in range(repeats):
-        for fn, times in ((a, times_a), (b, times_b)):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-    return statistics.median(times_a), statistics.median(times_b)
 
 
 def main(argv: list[str] | None = None) -> dict:

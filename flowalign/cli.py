@@ -17,10 +17,9 @@ def _config_and_overrides(args: argparse.Namespace) -> tuple[str | None, list[st
     return config, overrides
 
 
-def _cmd_generate(args: argparse.Namespace) -> None:
+def _cli_prompts(args: argparse.Namespace, command: str) -> list[str]:
+    """The prompts of ``--prompt`` (repeatable) and ``--prompt-file`` (one per line); one line if none."""
     from .config import ConfigError
-    from .generators import load_generator
-    from .inference import generate, save_grid
 
     prompts = list(args.prompt or [])
     if args.prompt_file:
@@ -29,7 +28,16 @@ def _cmd_generate(args: argparse.Namespace) -> None:
             raise ConfigError(f"--prompt-file: file '{path}' not found")
         prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
     if not prompts:
-        raise ConfigError("generate: give at least one --prompt or a --prompt-file")
+        raise ConfigError(f"{command}: give at least one --prompt or a --prompt-file")
+    return prompts
+
+
+def _cmd_generate(args: argparse.Namespace) -> None:
+    from .config import ConfigError
+    from .generators import load_generator
+    from .inference import generate, save_grid
+
+    prompts = _cli_prompts(args, "generate")
     for name, value, low in (("--num", args.num, 1), ("--steps", args.steps, 1)):
         if value is not None and value < low:
             raise ConfigError(f"{name}: expected an integer >= {low}, got {value}")
@@ -78,14 +86,7 @@ def _cmd_optimize(args: argparse.Namespace) -> None:
     from .generators import load_generator
     from .optimize import optimize_iter, save_outputs
 
-    prompts = list(args.prompt or [])
-    if args.prompt_file:
-        path = Path(args.prompt_file)
-        if not path.is_file():
-            raise ConfigError(f"--prompt-file: file '{path}' not found")
-        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if not prompts:
-        raise ConfigError("optimize: give at least one --prompt or a --prompt-file")
+    prompts = _cli_prompts(args, "optimize")
     for name, value in (("--steps", args.steps), ("--iterations", args.iterations), ("--render-steps", args.render_steps),
                         ("--k", args.k), ("--n", args.n)):
         if value is not None and value < 1:
