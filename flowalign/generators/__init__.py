@@ -12,6 +12,12 @@ __all__ = ["Conditioning", "Generator", "load_generator"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
+#: diffusers pipeline class (``_class_name`` in ``model_index.json``) -> ``"module:Adapter"`` in this package.
+#: Each adapter class has ``from_pretrained(path, dtype=, device=, local_files_only=)``.
+ADAPTERS: dict[str, str] = {
+    "StableDiffusion3Pipeline": "sd3:SD3Generator",
+}
+
 
 def load_generator(name_or_path: str = "toy/digits", dtype: str | torch.dtype = "float32",
                    device: str | None = None, local_files_only: bool = False) -> Generator:
@@ -26,13 +32,14 @@ def load_generator(name_or_path: str = "toy/digits", dtype: str | torch.dtype = 
     if name_or_path.startswith("toy/"):
         raise FlowalignError(f"model '{name_or_path}': unknown toy model (available: toy/digits)")
     pipeline_class = _pipeline_class(name_or_path, local_files_only)
-    if pipeline_class == "StableDiffusion3Pipeline":
-        from .sd3 import SD3Generator
+    if pipeline_class not in ADAPTERS:
+        raise FlowalignError(f"model '{name_or_path}': pipeline class {pipeline_class} has no adapter yet "
+                             f"(supported: {', '.join(sorted(ADAPTERS))}, toy/digits)")
+    import importlib
 
-        return SD3Generator.from_pretrained(name_or_path, dtype=dtype, device=device,
-                                            local_files_only=local_files_only)
-    raise FlowalignError(f"model '{name_or_path}': pipeline class {pipeline_class} has no adapter yet "
-                         "(supported: StableDiffusion3Pipeline, toy/digits)")
+    module_name, class_name = ADAPTERS[pipeline_class].split(":")
+    adapter = getattr(importlib.import_module(f".{module_name}", __name__), class_name)
+    return adapter.from_pretrained(name_or_path, dtype=dtype, device=device, local_files_only=local_files_only)
 
 
 def _pipeline_class(name_or_path: str, local_files_only: bool) -> str:
