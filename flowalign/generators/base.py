@@ -97,6 +97,9 @@ class Generator(ABC):
 
     #: Module names LoRA adapts (peft ``target_modules``).
     lora_target_modules: list[str] = []
+    #: How a trained LoRA is saved so diffusers loads it: (pipeline class whose ``save_lora_weights`` writes
+    #: it, the component it belongs to: ``transformer`` or ``unet``).
+    lora_format: tuple[str, str] = ("StableDiffusion3Pipeline", "transformer")
     #: Set by a trainer to the accelerate-prepared (DDP / FSDP) wrapper of ``trainable_module``, so the
     #: model passes go through it (gradient sync); None: call the module itself.
     wrapped_module: nn.Module | None = None

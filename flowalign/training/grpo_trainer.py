@@ -373,7 +373,7 @@ class GRPOTrainer:
         state = self._gathered_state()
         if self.acc.is_main_process:
             if self.lora:
-                save_lora_diffusers(module, final, state)
+                save_lora_diffusers(module, final, state, *self.gen.lora_format)
             else:
                 module.save_pretrained(final, state_dict=state)
         if self.ema is not None:

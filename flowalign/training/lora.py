@@ -42,19 +42,22 @@ def load_trainable_state(module: nn.Module, state: dict[str, torch.Tensor], lora
 
 
 def save_lora_diffusers(module: nn.Module, directory: str | Path,
-                        full_state: dict[str, torch.Tensor] | None = None) -> Path:
+                        full_state: dict[str, torch.Tensor] | None = None,
+                        pipeline_class: str = "StableDiffusion3Pipeline", component: str = "transformer") -> Path:
     """The diffusers LoRA format (``pytorch_lora_weights.safetensors``): ``pipe.load_lora_weights(dir)`` loads it.
 
-    Transformer LoRAs are saved with peft's ``lora_A`` / ``lora_B`` names as they are (the old
+    ``pipeline_class.save_lora_weights`` writes it with ``{component}_lora_layers`` (``transformer`` or ``unet``).
+    LoRAs are saved with peft's ``lora_A`` / ``lora_B`` names as they are (the old
     ``convert_state_dict_to_diffusers`` renames only some of them to ``lora.down`` / ``lora.up``, and the
     loader then drops those), plus the adapter config as metadata, so the loader keeps ``lora_alpha / r``.
     """
-    from diffusers import StableDiffusion3Pipeline
+    import diffusers
     from peft import get_peft_model_state_dict
 
-    StableDiffusion3Pipeline.save_lora_weights(
-        str(directory), transformer_lora_layers=get_peft_model_state_dict(module, state_dict=full_state),
-        transformer_lora_adapter_metadata=module.peft_config["default"].to_dict())
+    pipeline = getattr(diffusers, pipeline_class)
+    pipeline.save_lora_weights(
+        str(directory), **{f"{component}_lora_layers": get_peft_model_state_dict(module, state_dict=full_state),
+                           f"{component}_lora_adapter_metadata": module.peft_config["default"].to_dict()})
     return Path(directory)
 
 
