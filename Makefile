@@ -18,6 +18,7 @@ demo: $(STAMP)
 	$(BIN)/flowalign train configs/toy/digits_flow_grpo.yaml
 
 test: $(STAMP)
+	bash scripts/test_setup.sh
 	$(BIN)/python -m pytest -q tests
 
 build-toy: $(STAMP)

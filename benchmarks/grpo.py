@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from flowalign.config import load_config
+from flowalign.training.fm_trainer import make_trainer
 from flowalign.training.grpo_trainer import GRPOTrainer
 from flowalign.training.report import evaluate_policy, heldout_prompts
 
@@ -27,18 +28,22 @@ VARIANTS = {"Flow-GRPO": ("configs/toy/digits_flow_grpo.yaml", []),
             "Flow-GRPO + CPS": ("configs/toy/digits_flow_grpo.yaml", ["train.noise=cps", "train.noise_level=0.8"]),
             "DanceGRPO": ("configs/toy/digits_dance_grpo.yaml", []),
             "MixGRPO": ("configs/toy/digits_mix_grpo.yaml", BOLD),
+            "MixGRPO-Flash": ("configs/toy/digits_mix_grpo_flash.yaml", BOLD),
             "GRPO-Guard": ("configs/toy/digits_grpo_guard.yaml", []),
             "TempFlow-GRPO": ("configs/toy/digits_tempflow_grpo.yaml", ["train.group_size=4"]),
             "G2RPO": ("configs/toy/digits_g2rpo.yaml", ["train.group_size=4"]),
             "Dynamic-TreeRPO": ("configs/toy/digits_tree_grpo.yaml", []),
-            "Pref-GRPO (judge)": ("configs/toy/digits_pref_grpo.yaml", [])}
+            "Pref-GRPO (judge)": ("configs/toy/digits_pref_grpo.yaml", []),
+            "AC-Flow": ("configs/toy/digits_ac_flow.yaml", []),
+            "ORW-CFM-W2": ("configs/toy/digits_orw_cfm_w2.yaml", []),
+            "DRAGON (DPO)": ("configs/toy/digits_dragon.yaml", ["train.group_size=2", "train.prompts_per_iteration=16"])}
 
 
 def make(config: str, extra: list[str], args, out: str) -> GRPOTrainer:
     overrides = [f"train.prompts_per_iteration={args.prompts}", f"train.group_size={args.group}",
                  f"train.steps={args.steps}", "train.checkpoint_every=0", "train.eval_prompts=0",
                  f"train.iterations={args.iterations}", f"output_dir={out}", *extra]  # extra overrides last
-    return GRPOTrainer(load_config(config, overrides))
+    return make_trainer(load_config(config, overrides))
 
 
 def pure_passes(tr: GRPOTrainer, iteration: int):

@@ -1,4 +1,4 @@
-"""The ``flowalign`` command: train | generate | evaluate | optimize | toy build | rewards list.
+"""The ``flowalign`` command: train | generate | evaluate | optimize | toy build | rewards list | app.
 
 Errors a user can fix (bad config, missing file, unknown reward) print one line and exit with status 2.
 """
@@ -47,6 +47,19 @@ def _cmd_generate(args: argparse.Namespace) -> None:
                      negative_prompt=args.negative_prompt)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if generator.modality == "video":  # one animation: frame t is the grid of every clip's frame t
+        from .inference import save_video
+
+        out = out if out.suffix.lower() in (".gif", ".mp4") else out.with_suffix(".gif")
+        save_video(media, out, nrow=args.num if len(prompts) > 1 else min(args.num, 10))
+        print(f"wrote {len(batch)} clips to {out}")
+        return
+    if generator.modality == "audio":  # one 16-bit WAV file per sample
+        from .inference import sample_rate_of, save_wav
+
+        paths = save_wav(media, out, sample_rate_of(generator))
+        print(f"wrote {len(paths)} clips to {paths[0]}" + (f" ... {paths[-1].name}" if len(paths) > 1 else ""))
+        return
     save_grid(media, out, nrow=args.num if len(prompts) > 1 else min(args.num, 10))
     print(f"wrote {len(batch)} samples to {out}")
 
@@ -77,6 +90,16 @@ def _cmd_rewards_list(args: argparse.Namespace) -> None:
 
     for name in rewards.available():
         print(name)
+
+
+def _cmd_app(args: argparse.Namespace) -> None:
+    from .app import load_app_config, serve
+
+    overrides = list(args.overrides) + ([f"server.port={args.port}"] if args.port is not None else [])
+    cfg = load_app_config(args.config, overrides)
+    if args.host:
+        cfg.server.host = args.host
+    serve(cfg)
 
 
 def _cmd_optimize(args: argparse.Namespace) -> None:
@@ -157,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.set_defaults(func=_cmd_toy_build)
 
     opt = sub.add_parser("optimize", help="align one image per prompt at inference time (ReNO, CARINOX, best-of-N)")
+    opt.add_argument("--config", default=None, help="a YAML of these options (e.g. configs/reno/sd_turbo.yaml); "
+                     "options given on the command line win")
     opt.add_argument("--method", default="reno", choices=["reno", "carinox", "best-of-n"])
     opt.add_argument("--model", default="toy/digits", help="toy/digits, a hub id or a local diffusers folder")
     opt.add_argument("--prompt", action="append", help="a prompt (repeatable)")
@@ -182,7 +207,48 @@ def build_parser() -> argparse.ArgumentParser:
 
     rw = sub.add_parser("rewards", help="reward models").add_subparsers(dest="rewards_command", required=True)
     rw.add_parser("list", help="every reward name rewards.load accepts").set_defaults(func=_cmd_rewards_list)
+
+    app = sub.add_parser("app", help="the Gradio app: compare base vs aligned, optimise noise live, view runs")
+    app.add_argument("--config", default=None, help="an app config (YAML); default: the toy world")
+    app.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
+    app.add_argument("--port", type=int, default=None, help="port (default 7860)")
+    app.add_argument("overrides", nargs="*", help="key=value overrides, e.g. limits.max_steps=20")
+    app.set_defaults(func=_cmd_app)
     return parser
+
+
+def _with_config_defaults(parser: argparse.ArgumentParser, command: str, path: str,
+                          argv: list[str] | None) -> argparse.Namespace:
+    """Re-parse with a YAML file's keys (the option names, ``-`` or ``_``) as defaults; ``reward`` may be a
+    mapping name -> weight. Unknown keys are one-line errors naming the file."""
+    import yaml
+
+    from .config import ConfigError
+
+    sub = next(a for a in parser._subparsers._group_actions[0].choices.items() if a[0] == command)[1]
+    if not Path(path).is_file():
+        raise ConfigError(f"--config: file '{path}' not found")
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of option names to values")
+    known = {a.dest for a in sub._actions}
+    defaults = {}
+    for key, value in data.items():
+        dest = str(key).replace("-", "_")
+        if dest not in known or dest in ("config", "func"):
+            raise ConfigError(f"{path}: unknown option '{key}' (allowed: {', '.join(sorted(known - {'help', 'config'}))})")
+        if dest == "reward" and isinstance(value, dict):
+            value = [f"{name}:{weight}" for name, weight in value.items()]
+        if dest == "prompt" and isinstance(value, str):
+            value = [value]
+        defaults[dest] = value
+    given = parser.parse_args(argv)
+    sub.set_defaults(**defaults)
+    args = parser.parse_args(argv)
+    for dest in ("reward", "prompt"):  # appending options: the command line's list replaces the file's
+        if getattr(given, dest) is not None:
+            setattr(args, dest, getattr(given, dest))
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -190,8 +256,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from .errors import FlowalignError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
+        if getattr(args, "config", None) and args.func is _cmd_optimize:
+            args = _with_config_defaults(parser, "optimize", args.config, argv)
         args.func(args)
     except (FlowalignError, RewardError) as err:
         print(f"flowalign: error: {err}", file=sys.stderr)

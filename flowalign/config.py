@@ -34,6 +34,8 @@ class ModelConfig:
     name: str = bounded("toy/digits", doc="toy/digits, a hub id or a local diffusers folder")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     local_files_only: bool = False
+    options: dict[str, Any] = bounded({}, doc="adapter options: height, width, num_frames, embedded_guidance, "
+                                      "train_expert, audio_end_in_s, ...")
 
 
 @dataclass
@@ -68,7 +70,8 @@ class RewardConfig:
 
 @dataclass
 class GRPOConfig:
-    algorithm: Literal["flow_grpo", "dance_grpo", "mix_grpo", "tempflow_grpo", "g2rpo", "tree_grpo"] = "flow_grpo"
+    algorithm: Literal["flow_grpo", "dance_grpo", "mix_grpo", "tempflow_grpo", "g2rpo", "tree_grpo", "ac_flow",
+                       "dragon"] = "flow_grpo"
     iterations: int = bounded(40, min=1)
     prompts_per_iteration: int = bounded(8, min=1, doc="groups per iteration (all processes together)")
     group_size: int = bounded(8, min=2)
@@ -76,7 +79,7 @@ class GRPOConfig:
     steps: int = bounded(10, min=2, max=1000, doc="sampling steps of the rollouts")
     guidance: float = bounded(3.0, min=0.0, max=100.0)
     cfg: bool = True
-    noise: Literal["flow_grpo", "dance", "cps"] = "flow_grpo"
+    noise: Literal["flow_grpo", "dance", "cps", "ddim"] = "flow_grpo"
     noise_level: float = bounded(0.7, min=0.0, max=10.0)
     window_size: int = bounded(0, min=0, doc="0: all steps SDE; >0: a random SDE window (Flow-GRPO-Fast)")
     window_high: int | None = bounded(None, min=1, doc="the window starts below this step (default steps // 2)")
@@ -85,6 +88,9 @@ class GRPOConfig:
     window_stride: int = bounded(1, min=1, doc="MixGRPO: how far it moves (1: overlapping)")
     window_roll_back: bool = True
     window_max_steps: int | None = bounded(None, min=1, doc="MixGRPO: the window stays below this step (steps - 2)")
+    flash: bool = bounded(False, doc="MixGRPO-Flash: finish after the SDE window with DPM-Solver++ on fewer steps")
+    flash_fraction: float = bounded(0.4, min=0.0, max=1.0, doc="MixGRPO-Flash: tail steps = max(int(rest*f), 1)")
+    flash_order: int = bounded(2, min=1, max=2, doc="MixGRPO-Flash: DPM-Solver++ order")
     timestep_fraction: float = bounded(0.99, min=0.0, max=1.0)
     random_timesteps: bool = False
     share_noise: bool = False
@@ -112,7 +118,28 @@ class GRPOConfig:
     clip_low: float = bounded(1e-4, min=0.0)
     clip_high: float = bounded(1e-3, min=0.0)
     clip_eta: float = bounded(1.0, min=0.0)
+    layer_tuning: float = bounded(0.0, min=0.0, doc="Dynamic-TreeRPO LayerTuning-RL: weight of the regression "
+                                  "toward the best path's velocity (0: off; paper-approximate)")
+    layer_tuning_weight: Literal["advantage", "uniform"] = bounded(
+        "advantage", doc="LayerTuning-RL per-group weight: the best leaf's positive advantage, or 1")
     ratio_norm: bool = bounded(False, doc="GRPO-Guard: normalised, centred ratios and the loss divided by mean(sqrt dt)^2")
+    # AC-Flow / ORW-CFM-W2 and DRAGON (on-policy flow matching; noise_critics_distributional.md §3-§4)
+    fm_draws: int = bounded(4, min=1, doc="noise levels drawn per sample for the flow-matching loss")
+    fm_sigma: Literal["uniform", "logit_normal"] = "uniform"
+    critic: bool = bounded(True, doc="AC-Flow's critic; false: ORW-CFM-W2 (w = exp(weight_beta * raw reward))")
+    critic_width: int = bounded(32, min=4)
+    critic_lr: float = bounded(1e-3, min=0.0)
+    critic_updates: int = bounded(2, min=1, doc="passes over the iteration's points per critic update")
+    critic_warmup: int = bounded(3, min=0, doc="iterations that train the critic only")
+    shape_per_group: bool = bounded(False, doc="reward shaping per prompt group instead of per batch")
+    reward_bound: Literal["none", "tanh", "clip"] = bounded("none", doc="shaped-reward bound (paper-approximate)")
+    reward_bound_value: float = bounded(3.0, min=0.0)
+    weight_beta: float = bounded(0.5, min=0.0, doc="AC-Flow / ORW: weights exp(weight_beta * A)")
+    weight_norm: bool = bounded(True, doc="divide the weights by their batch mean")
+    w2_weight: float = bounded(1.0, min=0.0, doc="alpha of the W2 bound ||v - v_ref||^2 to the LoRA-off base")
+    dragon_sets: Literal["paired", "unpaired", "greedy"] = "paired"
+    dragon_loss: Literal["dpo", "kto"] = "dpo"
+    dragon_beta: float = bounded(500.0, min=0.0, doc="DRAGON: the preference loss's beta")
     beta: float = bounded(0.0, min=0.0, doc="KL weight to the LoRA-off base")
     kl_denominator: Literal["flow_grpo", "gaussian"] = "flow_grpo"
     lora_rank: int = bounded(32, min=0, doc="0: full fine-tuning")

@@ -31,7 +31,8 @@ def eval_prompts(cfg: RunConfig) -> tuple[list[str], list[dict]]:
 def evaluate(cfg: RunConfig, print_fn=print) -> dict:
     """Generate, score, write ``samples.png`` and ``eval.json`` to ``cfg.output_dir``, print a table."""
     scorers = {name: reward_lib.load(name) for name in cfg.eval.rewards}
-    generator = load_generator(cfg.model.name, cfg.model.dtype, local_files_only=cfg.model.local_files_only)
+    generator = load_generator(cfg.model.name, cfg.model.dtype, local_files_only=cfg.model.local_files_only,
+                               **cfg.model.options)
     prompts, meta = eval_prompts(cfg)
     media = generate(generator, prompts, steps=cfg.sample.steps, guidance=cfg.sample.guidance, seed=cfg.sample.seed,
                      negative_prompt=cfg.sample.negative_prompt, batch_size=cfg.sample.batch_size)

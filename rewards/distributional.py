@@ -6,6 +6,8 @@ An encoder is a reward name or object with ``embed_images`` (image) or ``embed_a
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from typing import Callable, Literal
 
 import torch
@@ -110,12 +112,26 @@ class EmbeddingSetReward(SetReward):
             return torch.cat([self.embed(media[i:i + self.batch_size].to(device, dtype))
                               for i in range(0, media.shape[0], self.batch_size)])
 
-    def _reference_embeddings(self, items: torch.Tensor) -> torch.Tensor:
-        """A reference given as embeddings ``[N,D]`` is kept; one given as media is embedded (no gradient)."""
+    def _reference_embeddings(self, items: torch.Tensor | str) -> torch.Tensor:
+        """A reference given as embeddings ``[N,D]`` is kept; one given as media is embedded (no gradient);
+        a path names a safetensors file holding either under the key ``reference`` (configs use this)."""
+        if isinstance(items, (str, Path)):
+            items = _load_reference(items, self.name)
         if items.ndim == 2:
             return items.detach()
         with torch.no_grad():
             return self.embed_all(items).detach()
+
+
+def _load_reference(path: str | Path, name: str) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    if not Path(path).is_file():
+        raise ValueError(f"{name}: reference file '{path}' not found (expected a .safetensors with 'reference')")
+    tensors = load_file(str(path))
+    if "reference" not in tensors:
+        raise ValueError(f"{name}: '{path}' has no tensor named 'reference' (found: {', '.join(tensors) or 'none'})")
+    return tensors["reference"]
 
 
 # ---- the rewards -------------------------------------------------------------------------------------

@@ -43,8 +43,19 @@ BUILTIN: dict[str, str | Callable[..., Reward]] = {
     # video
     "video/frames": "rewards.video:FrameAggregatedReward",
     "video/temporal": "rewards.video:TemporalConsistencyReward",
+    "toy/motion": "rewards.toy.motion:MotionReward",
+    "toy/motion_match": "rewards.toy.motion:MotionMatchReward",
     # audio
     "clap": "rewards.clap:CLAPScore",
+    "audio/loudness": "rewards.audio_signal:LoudnessReward",
+    "toy/pitch_accuracy": "rewards.toy.music:PitchAccuracyReward",
+    "toy/pitch": "rewards.toy.music:PitchReward",
+    "toy/key": "rewards.toy.music:KeyReward",
+    "toy/tempo": "rewards.toy.music:TempoReward",
+    "toy/music_encoder": "rewards.toy.music:ToyMusicEncoder",
+    "toy/music_fad": "rewards.toy.music_exemplars:music_fad",
+    "toy/music_exemplar": "rewards.toy.music_exemplars:music_exemplar",
+    "toy/music_vendi": "rewards.toy.music_exemplars:music_vendi",
     # distributional
     "fd": "rewards.distributional:FrechetReward",
     "vendi": "rewards.distributional:VendiReward",

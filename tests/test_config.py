@@ -17,9 +17,27 @@ def write(tmp_path, text):
 
 
 def test_shipped_configs_load():
+    from flowalign.cli import _with_config_defaults, build_parser
+
     for path in (ROOT / "configs").rglob("*.yaml"):
-        if "accelerate" not in path.parts:
+        if "reno" in path.parts:  # `flowalign optimize --config` files: option names as keys
+            argv = ["optimize", "--config", str(path)]
+            args = _with_config_defaults(build_parser(), "optimize", str(path), argv)
+            assert args.method == "reno" and args.reward and args.lr == 5.0, path
+        elif "accelerate" not in path.parts:
             assert isinstance(load_config(path), RunConfig)
+
+
+def test_optimize_config_file(tmp_path, capsys):
+    from flowalign.cli import main
+
+    out = tmp_path / "out"
+    code = main(["optimize", "--config", "configs/reno/toy_digits.yaml", "--prompt", "a handwritten seven",
+                 "--iterations", "2", "--steps", "2", "--render-steps", "2", "--out", str(out)])
+    assert code == 0 and (out / "best.png").is_file()
+    bad = write(tmp_path, "method: reno\nlearning_rate: 3\n")
+    assert main(["optimize", "--config", str(bad), "--prompt", "seven"]) == 2
+    assert "unknown option 'learning_rate'" in capsys.readouterr().err
 
 
 def test_overrides_are_typed(tmp_path):

@@ -199,6 +199,22 @@ def test_frechet_reward_prefers_real_digits(held_out, clip):
         rewards.load("fd", encoder=clip)
 
 
+def test_set_reward_reference_from_a_safetensors_file(held_out, clip, tmp_path):
+    """Configs name a reference set by path: a safetensors file whose 'reference' holds media or embeddings."""
+    from safetensors.torch import save_file
+
+    reference, real = held_out[0][:200], held_out[0][200:232]
+    save_file({"reference": clip.embed_images(reference).detach().contiguous()}, tmp_path / "ref.safetensors")
+    from_file = rewards.load("fd", encoder=clip, reference=str(tmp_path / "ref.safetensors"))
+    assert torch.allclose(from_file.score(real), rewards.load("fd", encoder=clip, reference=reference).score(real),
+                          rtol=1e-4)
+    save_file({"other": reference.contiguous()}, tmp_path / "bad.safetensors")
+    with pytest.raises(rewards.RewardError, match="no tensor named 'reference'"):
+        rewards.load("fd", encoder=clip, reference=str(tmp_path / "bad.safetensors"))
+    with pytest.raises(rewards.RewardError, match="not found"):
+        rewards.load("fd", encoder=clip, reference=str(tmp_path / "missing.safetensors"))
+
+
 def test_vendi_reward_rewards_diversity(held_out, clip):
     images, labels = held_out
     vendi = rewards.load("vendi", encoder=clip)

@@ -146,7 +146,7 @@ def sample_with_grad(gen: Generator, noise: torch.Tensor, cond: Conditioning, si
     def vel(x, s):
         return gen.velocity(x, s, cond, guidance)
 
-    x = noise
+    x = gen.initial_state(noise, sigmas[0])  # ε/v-prediction adapters start from a rescaled ε
     for k, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         if k < first_grad:
             with torch.no_grad():
@@ -276,7 +276,8 @@ def render(gen: Generator, noise: torch.Tensor, cond: Conditioning, steps: int, 
     """Decoded ODE samples from ``noise`` (no graph)."""
     from samplers import euler_ode
 
-    x = euler_ode(lambda x, s: gen.velocity(x, s, cond, guidance), noise, gen.sigmas(steps))
+    sigmas = gen.sigmas(steps)
+    x = euler_ode(lambda x, s: gen.velocity(x, s, cond, guidance), gen.initial_state(noise, sigmas[0]), sigmas)
     return gen.decode(x)
 
 

@@ -16,21 +16,45 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 #: Each adapter class has ``from_pretrained(path, dtype=, device=, local_files_only=)``.
 ADAPTERS: dict[str, str] = {
     "StableDiffusion3Pipeline": "sd3:SD3Generator",
+    "StableDiffusionPipeline": "sd:StableDiffusionGenerator",  # SD 1.x and 2.x
+    "StableDiffusionXLPipeline": "sdxl:StableDiffusionXLGenerator",
+    "FluxPipeline": "flux:FluxGenerator",
+    "WanPipeline": "wan:WanGenerator",  # Wan 2.1 and 2.2 A14B (two experts)
+    "StableAudioPipeline": "stable_audio:StableAudioGenerator",
 }
 
 
 def load_generator(name_or_path: str = "toy/digits", dtype: str | torch.dtype = "float32",
-                   device: str | None = None, local_files_only: bool = False) -> Generator:
-    """``toy/digits`` (shipped), a toy folder, or a diffusers pipeline (hub id or local directory)."""
+                   device: str | None = None, local_files_only: bool = False, **options) -> Generator:
+    """``toy/digits`` (shipped), a toy folder, or a diffusers pipeline (hub id or local directory).
+    ``options`` go to a pipeline adapter's constructor (``height``, ``num_frames``, ``train_expert``, ...)."""
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    if name_or_path == "toy/video" or _toy_transformer(name_or_path) == "WanTransformer3DModel":
+        from .toy_video import SHIPPED as VIDEO_WEIGHTS, ToyVideoGenerator
+
+        if set(options) - {"num_frames", "size"}:
+            raise FlowalignError(f"model '{name_or_path}': unknown option '{sorted(set(options) - {'num_frames', 'size'})[0]}' "
+                                 "for the toy video model (allowed: num_frames, size)")
+        return ToyVideoGenerator.from_pretrained(VIDEO_WEIGHTS if name_or_path == "toy/video" else name_or_path,
+                                                 device=device, dtype=dtype, **options)
+    if name_or_path == "toy/music" or (Path(name_or_path) / "toy_music.json").is_file():  # the music build's marker
+        from .toy_music import SHIPPED as MUSIC_WEIGHTS, ToyMusicGenerator
+
+        if options:
+            raise FlowalignError(f"model '{name_or_path}': the toy music model takes no options, got {sorted(options)}")
+        return ToyMusicGenerator.from_pretrained(MUSIC_WEIGHTS if name_or_path == "toy/music" else name_or_path,
+                                                 device=device, dtype=dtype)
     if name_or_path == "toy/digits" or (Path(name_or_path) / "text_encoder" / "config.json").is_file() \
             and not (Path(name_or_path) / "model_index.json").is_file():
         from .toy_digits import SHIPPED, ToyDigitsGenerator
 
+        if options:
+            raise FlowalignError(f"model '{name_or_path}': the toy model takes no options, got {sorted(options)}")
+
         return ToyDigitsGenerator.from_pretrained(SHIPPED if name_or_path == "toy/digits" else name_or_path,
                                                   device=device, dtype=dtype)
     if name_or_path.startswith("toy/"):
-        raise FlowalignError(f"model '{name_or_path}': unknown toy model (available: toy/digits)")
+        raise FlowalignError(f"model '{name_or_path}': unknown toy model (available: toy/digits, toy/video, toy/music)")
     pipeline_class = _pipeline_class(name_or_path, local_files_only)
     if pipeline_class not in ADAPTERS:
         raise FlowalignError(f"model '{name_or_path}': pipeline class {pipeline_class} has no adapter yet "
@@ -39,7 +63,32 @@ def load_generator(name_or_path: str = "toy/digits", dtype: str | torch.dtype = 
 
     module_name, class_name = ADAPTERS[pipeline_class].split(":")
     adapter = getattr(importlib.import_module(f".{module_name}", __name__), class_name)
-    return adapter.from_pretrained(name_or_path, dtype=dtype, device=device, local_files_only=local_files_only)
+    _check_options(adapter, options, name_or_path)
+    return adapter.from_pretrained(name_or_path, dtype=dtype, device=device, local_files_only=local_files_only,
+                                   **options)
+
+
+def _check_options(adapter: type, options: dict, name_or_path: str) -> None:
+    """One clear line for an option the adapter's constructor does not take."""
+    import inspect
+
+    allowed = [p for p in inspect.signature(adapter.__init__).parameters if p not in ("self", "pipe", "device")]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise FlowalignError(f"model '{name_or_path}': unknown option '{unknown[0]}' for {adapter.__name__} "
+                             f"(allowed: {', '.join(allowed) or 'none'})")
+
+
+def _toy_transformer(name_or_path: str) -> str | None:
+    """The transformer class of a toy model folder (``text_encoder/``, no ``model_index.json``), else None."""
+    import json
+
+    folder = Path(name_or_path)
+    config = folder / "transformer" / "config.json"
+    if (folder / "model_index.json").is_file() or not (folder / "text_encoder" / "config.json").is_file() \
+            or not config.is_file():
+        return None
+    return json.loads(config.read_text()).get("_class_name")
 
 
 def _pipeline_class(name_or_path: str, local_files_only: bool) -> str:

@@ -113,6 +113,11 @@ class Generator(ABC):
         noise = torch.randn((n, *self.latent_shape), generator=generator, dtype=torch.float32)
         return noise.to(self.device)
 
+    def initial_state(self, noise: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+        """The sampling state at the first noise level ``sigma`` (``sigmas(n)[0]``) for ``initial_noise``:
+        the noise itself for flow models; ε/v-prediction adapters rescale it to flow coordinates."""
+        return noise
+
     def velocity(self, x: torch.Tensor, sigma: torch.Tensor | float, cond: Conditioning,
                  guidance: float = 1.0) -> torch.Tensor:
         """The (guided) velocity at ``x``: CFG's two branches are batched into one model pass."""

@@ -1,7 +1,6 @@
 """Stable Diffusion 3 / 3.5 behind the Generator interface, wrapping a diffusers ``StableDiffusion3Pipeline``."""
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import torch
@@ -10,8 +9,8 @@ from torch import nn
 
 from samplers.timegrid import from_scheduler_config
 
-from ..errors import FlowalignError
 from .base import Conditioning, Generator
+from .loading import load_pipeline
 
 
 class SD3Generator(Generator):
@@ -42,7 +41,7 @@ class SD3Generator(Generator):
                         device: torch.device | str | None = None, local_files_only: bool = False,
                         **kwargs) -> "SD3Generator":
         """Load a hub id or a local pipeline directory; ``kwargs`` go to the constructor (height, width, ...)."""
-        pipe = _load_pipeline(str(path), dtype, local_files_only)
+        pipe = load_pipeline(StableDiffusion3Pipeline, path, dtype, local_files_only, "SD3")
         if device is None:
             from accelerate import PartialState
             device = PartialState().device
@@ -106,23 +105,3 @@ class SD3Generator(Generator):
         latents = x.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
         images = vae.decode(latents, return_dict=False)[0]
         return (images.float() / 2 + 0.5).clamp(0, 1)
-
-
-def _load_pipeline(path: str, dtype: torch.dtype, local_files_only: bool) -> StableDiffusion3Pipeline:
-    """``StableDiffusion3Pipeline.from_pretrained``, with a one-line FlowalignError when nothing is found."""
-    expected = "expected a hub id or a directory with model_index.json"
-    if Path(path).is_dir():
-        if not (Path(path) / "model_index.json").is_file():
-            raise FlowalignError(f"SD3 model '{path}': no model_index.json in this directory ({expected})")
-        return _from_pretrained(path, dtype, local_files_only)
-    try:
-        return _from_pretrained(path, dtype, local_files_only)
-    except (OSError, ValueError) as err:  # not on the hub / not cached offline / not a valid repo id
-        raise FlowalignError(f"SD3 model '{path}': not found ({expected}; {type(err).__name__})") from None
-
-
-def _from_pretrained(path: str, dtype: torch.dtype, local_files_only: bool) -> StableDiffusion3Pipeline:
-    """``torch_dtype`` works in every supported diffusers; 0.42 renames it ``dtype`` and warns, so mute that."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
-        return StableDiffusion3Pipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=local_files_only)

@@ -7,8 +7,10 @@ import torch.nn.functional as F
 IMAGE_SIZE = 16
 
 
-def load_digits(split: str = "train", seed: int = 0, test_fraction: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images ``[N,1,16,16]`` in [-1,1] (ink is +1) and labels ``[N]``; a fixed, stratified train/test split."""
+def load_digits(split: str = "train", seed: int = 0, test_fraction: float = 0.2,
+                size: int = IMAGE_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images ``[N,1,size,size]`` in [-1,1] (ink is +1) and labels ``[N]``; a fixed, stratified train/test split.
+    ``size=8`` keeps scikit-learn's native resolution (the moving-digits video uses it)."""
     from sklearn.datasets import load_digits as sk_digits
     from sklearn.model_selection import train_test_split
 
@@ -18,7 +20,9 @@ def load_digits(split: str = "train", seed: int = 0, test_fraction: float = 0.2)
     idx_train, idx_test = train_test_split(range(len(labels)), test_size=test_fraction, random_state=seed,
                                            stratify=labels.numpy())
     idx = torch.tensor(idx_train if split == "train" else idx_test)
-    images = F.interpolate(images[idx], size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)
+    images = images[idx]
+    if size != images.shape[-1]:
+        images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
     return images.clamp(0, 1) * 2 - 1, labels[idx]
 
 

@@ -8,6 +8,7 @@ for bit, and each trajectory's noise is the same however the trajectories are sp
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from pathlib import Path
 
@@ -16,12 +17,14 @@ from accelerate.utils import DistributedType
 
 import rewards as reward_lib
 from samplers.kernels import kl_to_reference, step, step_mean
+from samplers.ode import dpm_solver_pp
 from samplers.rollout import Rollout, flatten_plan, run_plan
 
 from ..algorithms.grpo.advantages import (aggregated_advantages, group_advantages, node_advantages,
                                           transition_advantages)
 from ..algorithms.grpo.loss import clipped_policy_loss, guard_log_ratio, reward_conditioned_clip
-from ..algorithms.grpo.recipes import STRUCTURED, noise_schedule, rollout_plan, structured_plan
+from ..algorithms.grpo.layer_tuning import best_path_weights, layer_tuning_loss, velocity_targets
+from ..algorithms.grpo.recipes import STRUCTURED, flash_split, noise_schedule, rollout_plan, structured_plan
 from ..config import ConfigError, RunConfig
 from ..errors import FlowalignError
 from ..generators import load_generator
@@ -51,10 +54,15 @@ class GRPOTrainer:
         precision = {"mixed_precision": t.mixed_precision} if t.mixed_precision else {}
         self.acc = accelerator or Accelerator(log_with="tensorboard", project_dir=str(self.out), **precision)
         self.gen = load_generator(cfg.model.name, cfg.model.dtype, device=str(self.acc.device),
-                                  local_files_only=cfg.model.local_files_only)
+                                  local_files_only=cfg.model.local_files_only, **cfg.model.options)
         self.reward = reward_lib.load_weighted(cfg.reward.weights, cfg.reward.normalize,
                                                **cfg.reward.options).to(self.acc.device)
         self.reward.requires_grad_(False)  # frozen: kept out of accelerate's prepare
+        if t.layer_tuning > 0 and self.acc.num_processes > 1:
+            raise ConfigError("train.layer_tuning needs each group's best path on one process: run it on one process")
+        if t.flash and not (t.algorithm == "mix_grpo" or t.window_size):
+            raise ConfigError("train.flash finishes trajectories after the SDE window: it needs "
+                              "train.algorithm=mix_grpo or train.window_size > 0")
         if t.algorithm in STRUCTURED and self.acc.num_processes > 1:
             raise ConfigError(f"train.algorithm={t.algorithm}: trunk-sharing rollouts run on one process for now")
         pairwise = [n for n, r in self.reward.parts.items() if isinstance(r, reward_lib.PairwiseReward)]
@@ -82,6 +90,7 @@ class GRPOTrainer:
             from diffusers.training_utils import EMAModel
             self.ema = EMAModel(self.params, decay=t.ema_decay)
         self.iteration, self.history = 0, []
+        self._tuning: tuple[torch.Tensor, torch.Tensor] | None = None  # LayerTuning-RL weights, targets
         if self.acc.is_main_process:
             self.acc.init_trackers("grpo")
 
@@ -91,7 +100,7 @@ class GRPOTrainer:
         """Sample this process's share; returns the rollout, the prompts and metadata, each leaf's group, and
         each leaf's id (global trajectory index; the leaf index for trunk-sharing plans)."""
         t, gen = self.t, self.gen
-        prompts, meta = iteration_prompts(t, iteration, self.file_prompts)
+        prompts, meta = iteration_prompts(t, iteration, self.file_prompts, getattr(gen, "toy_world", "digits"))
         cond = gen.encode(prompts, negative_prompt=self.cfg.sample.negative_prompt if t.guidance != 1.0 else None)
         sigmas = gen.sigmas(t.steps)
         self._cond = cond
@@ -103,15 +112,19 @@ class GRPOTrainer:
             roots, rows = structured_plan(t, sigmas, iteration)
             shared = torch.Generator().manual_seed(_seed(t.seed, iteration))
             with torch.no_grad():
-                rollout = run_plan(velocity, roots, rows.to(gen.device), gen.initial_noise(len(roots), shared),
+                x0 = gen.initial_state(gen.initial_noise(len(roots), shared), sigmas[0])
+                rollout = run_plan(velocity, roots, rows.to(gen.device), x0,
                                    self.schedule, shared, max_batch=t.rollout_batch)
             return rollout, prompts, meta, rollout.leaf_group, torch.arange(rollout.leaves.shape[0],
                                                                              device=gen.device)
+        tail = None
+        if t.flash:  # MixGRPO-Flash: plan up to the window's end, finish with DPM-Solver++ below
+            sigmas, tail = flash_split(t, sigmas, iteration)
         select = local_trajectories(t, self.acc.process_index, self.acc.num_processes)
         roots, rows = rollout_plan(t, sigmas, iteration, select)
         total = t.prompts_per_iteration * t.group_size
         shared = torch.Generator().manual_seed(_seed(t.seed, iteration))  # identical on every process
-        all_noise = gen.initial_noise(total, shared)
+        all_noise = gen.initial_state(gen.initial_noise(total, shared), sigmas[0])
         x0 = all_noise[torch.tensor(select)] if not t.share_noise else all_noise[rows * t.group_size]
         key = _trajectory_keys(roots, select, t.share_noise)
 
@@ -122,9 +135,22 @@ class GRPOTrainer:
         with torch.no_grad():
             rollout = run_plan(velocity, roots, rows.to(gen.device), x0, self.schedule, max_batch=t.rollout_batch,
                                noise_fn=noise_fn)
+            if tail is not None:
+                rollout = self._finish_with_solver(rollout, tail, velocity)
         nodes = flatten_plan(roots)
         leaf_ids = torch.tensor([key[id(nodes[i])] for i in rollout.leaf_node.tolist()], device=gen.device)
         return rollout, prompts, meta, leaf_ids // t.group_size, leaf_ids
+
+    def _finish_with_solver(self, rollout: Rollout, tail: torch.Tensor, velocity) -> Rollout:
+        """MixGRPO-Flash: integrate the leaves from the window's end to σ = 0 with DPM-Solver++ (NFEs counted)."""
+        finished = []
+        for start in range(0, rollout.leaves.shape[0], self.t.rollout_batch):
+            rows = rollout.leaf_row[start:start + self.t.rollout_batch]
+            finished.append(dpm_solver_pp(lambda x, sigma: velocity(x, sigma, rows),
+                                          rollout.leaves[start:start + self.t.rollout_batch], tail,
+                                          self.t.flash_order))
+        nfe = (len(tail) - 1) * rollout.leaves.shape[0]
+        return dataclasses.replace(rollout, leaves=torch.cat(finished), nfe=rollout.nfe + nfe)
 
     def score(self, rollout: Rollout, prompts: list[str], meta: list[dict],
               leaf_groups: torch.Tensor | None = None) -> torch.Tensor:
@@ -185,6 +211,7 @@ class GRPOTrainer:
         """The clipped-ratio updates over the stored transitions (``updates_per_iteration`` optimizer steps)."""
         t = self.t
         adv = self.transition_advantages(rollout, leaf_adv, rewards)
+        self._tuning = self._layer_tuning_targets(rollout, leaf_adv, rewards) if t.layer_tuning > 0 else None
         n = rollout.num_transitions
         stats: dict[str, list[torch.Tensor]] = {}
         old_logp = rollout.logp if t.old_logp == "rollout" else self._recompute_logp(rollout)
@@ -205,7 +232,8 @@ class GRPOTrainer:
                         loss, parts = self._loss(rollout, idx, adv[idx], old_logp[idx])
                         if not torch.isfinite(loss.detach()).item():
                             raise _NonFiniteLoss(f"loss is {loss.item()} at iteration {iteration}")
-                        self.acc.backward(loss * len(idx) / len(chunk))
+                        if loss.requires_grad:  # False: only steps of an untrained Wan 2.2 expert here
+                            self.acc.backward(loss * len(idx) / len(chunk))
                     for k, v in parts.items():
                         stats.setdefault(k, []).append(v.detach())
                 grad_norm = self.acc.clip_grad_norm_(self.params, t.max_grad_norm) if t.max_grad_norm else None
@@ -216,6 +244,15 @@ class GRPOTrainer:
                 if grad_norm is not None:
                     stats.setdefault("grad_norm", []).append(torch.as_tensor(grad_norm).detach())
         return {k: torch.stack(v).float().mean().item() for k, v in stats.items()}
+
+    def _layer_tuning_targets(self, rollout: Rollout, leaf_adv: torch.Tensor,
+                              rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """LayerTuning-RL: per transition, its weight (0 off the groups' best paths) and the velocity target."""
+        weights = best_path_weights(rewards, leaf_adv, rollout.leaf_group, rollout.transition_leaves,
+                                    self.t.layer_tuning_weight)
+        targets = velocity_targets(rollout.x, rollout.x_next, rollout.sigma, rollout.sigma_next, self.schedule,
+                                   rollout.scale)
+        return weights, targets
 
     def _velocity(self, rollout: Rollout, idx: torch.Tensor) -> torch.Tensor:
         cond = self._cond.select(rollout.row[idx])
@@ -236,6 +273,11 @@ class GRPOTrainer:
         loss, stats = clipped_policy_loss(out.logp, old_logp, adv, clip, self.t.adv_clip,
                                           weights=weights, log_ratio=log_ratio)
         loss = loss / divisor
+        if self._tuning is not None:
+            weights, targets = self._tuning
+            tuning = layer_tuning_loss(v, targets[idx], weights[idx])
+            loss = loss + self.t.layer_tuning * tuning
+            stats["layer_tuning"] = tuning.detach()
         if self.t.beta > 0:
             with torch.no_grad(), adapters_disabled(self.gen.trainable_module, self.lora):
                 v_ref = self._velocity(rollout, idx)
@@ -311,8 +353,9 @@ class GRPOTrainer:
         return self.history
 
     def log_samples(self) -> None:
-        """A grid of the latest rollout's samples in tensorboard (main process)."""
-        if not self.acc.is_main_process or getattr(self, "last_media", None) is None or self.gen.modality != "image":
+        """A grid of the latest rollout's samples in tensorboard (main process); video: a row of frames per clip."""
+        if not self.acc.is_main_process or getattr(self, "last_media", None) is None \
+                or self.gen.modality not in ("image", "video"):
             return
         from torchvision.utils import make_grid
 
@@ -320,7 +363,10 @@ class GRPOTrainer:
             writer = self.acc.get_tracker("tensorboard", unwrap=True)
         except (ValueError, AttributeError):
             return
-        writer.add_image("samples", make_grid(self.last_media.float().cpu(), nrow=8), self.iteration)
+        media, nrow = self.last_media.float().cpu(), 8
+        if media.ndim == 5:  # video [B,F,3,H,W]
+            media, nrow = media[:8].flatten(0, 1), media.shape[1]
+        writer.add_image("samples", make_grid(media, nrow=nrow), self.iteration)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -328,14 +374,25 @@ class GRPOTrainer:
         """Checkpoint the completed iterations (main process writes; everyone waits)."""
         self.acc.wait_for_everyone()
         weights = trainable_state(self.gen.trainable_module, self.lora, self._gathered_state())
+        extra_weights, extra_optimizers = self._extra_state()
         path = None
         if self.acc.is_main_process:
             ema = {f"ema.{i}": p for i, p in enumerate(self.ema.shadow_params)} if self.ema else None
-            path = ckpt.save_checkpoint(self.out / "checkpoints", self.iteration, weights,
-                                        self.optimizer.state_dict(), {"history": self.history}, ema,
+            optimizer_state = self.optimizer.state_dict()
+            if extra_optimizers:
+                optimizer_state = {"policy": optimizer_state, **extra_optimizers}
+            path = ckpt.save_checkpoint(self.out / "checkpoints", self.iteration, {**weights, **extra_weights},
+                                        optimizer_state, {"history": self.history}, ema,
                                         self.t.checkpoints_total_limit)
         self.acc.wait_for_everyone()
         return path
+
+    def _extra_state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """More modules a subclass checkpoints (weights with a name prefix, optimizer states by name)."""
+        return {}, {}
+
+    def _load_extra_state(self, weights: dict[str, torch.Tensor], optimizers: dict) -> None:
+        pass
 
     def _gathered_state(self) -> dict[str, torch.Tensor] | None:
         """The full state dict under FSDP / DeepSpeed (a collective); None where the module holds it whole."""
@@ -354,6 +411,11 @@ class GRPOTrainer:
             print(f"flowalign: no checkpoint under {self.out / 'checkpoints'}; starting from scratch")
             return
         weights, optimizer_state, state, ema = ckpt.load_checkpoint(path)
+        extra_weights, extra_optimizers = self._extra_state()
+        if extra_optimizers:
+            self._load_extra_state(weights, optimizer_state)
+            weights = {k: v for k, v in weights.items() if k not in extra_weights}
+            optimizer_state = optimizer_state["policy"]
         load_trainable_state(self.gen.trainable_module, {k: v.to(self.acc.device) for k, v in weights.items()},
                              self.lora)
         self.optimizer.load_state_dict(optimizer_state)

@@ -50,14 +50,21 @@ def save_lora_diffusers(module: nn.Module, directory: str | Path,
     LoRAs are saved with peft's ``lora_A`` / ``lora_B`` names as they are (the old
     ``convert_state_dict_to_diffusers`` renames only some of them to ``lora.down`` / ``lora.up``, and the
     loader then drops those), plus the adapter config as metadata, so the loader keeps ``lora_alpha / r``.
+    A pipeline without ``save_lora_weights`` (StableAudioPipeline) gets the same file, which the component's
+    own ``load_lora_adapter(directory, use_safetensors=True)`` (diffusers' PeftAdapterMixin, prefix = component) loads.
     """
     import diffusers
+    from diffusers.loaders.lora_base import LoraBaseMixin
     from peft import get_peft_model_state_dict
 
+    layers = get_peft_model_state_dict(module, state_dict=full_state)
+    metadata = module.peft_config["default"].to_dict()
     pipeline = getattr(diffusers, pipeline_class)
-    pipeline.save_lora_weights(
-        str(directory), **{f"{component}_lora_layers": get_peft_model_state_dict(module, state_dict=full_state),
-                           f"{component}_lora_adapter_metadata": module.peft_config["default"].to_dict()})
+    if hasattr(pipeline, "save_lora_weights"):
+        pipeline.save_lora_weights(str(directory), **{f"{component}_lora_layers": layers,
+                                                      f"{component}_lora_adapter_metadata": metadata})
+    else:  # what every pipeline's save_lora_weights calls
+        LoraBaseMixin._save_lora_weights(str(directory), {component: layers}, {component: metadata})
     return Path(directory)
 
 

@@ -20,17 +20,34 @@ def read_prompt_file(path: str | Path) -> list[str]:
     return lines
 
 
-def iteration_prompts(cfg: GRPOConfig, iteration: int, file_prompts: list[str] | None = None) -> tuple[list[str], list[dict]]:
-    """The iteration's ``prompts_per_iteration`` prompts (and metadata), identical on every process."""
+#: Toy world (a generator's ``toy_world``) -> its prompt module: ``sample_prompts``, ``TEMPLATES``, ``HELD_OUT_TEMPLATES``.
+TOY_PROMPTS = {"digits": "flowalign.toy.prompts", "video": "flowalign.toy.video_prompts",
+               "music": "flowalign.toy.music_prompts"}
+
+
+def toy_prompts(world: str, n: int, seed: int, held_out: bool = False) -> tuple[list[str], list[dict]]:
+    """``n`` seeded prompts of a toy world and their metadata, in training or held-out phrasings."""
+    import importlib
+
+    if world not in TOY_PROMPTS:
+        raise FlowalignError(f"toy world '{world}': no prompt set (available: {', '.join(TOY_PROMPTS)})")
+    module = importlib.import_module(TOY_PROMPTS[world])
+    prompts, meta = module.sample_prompts(n, seed=seed,
+                                          templates=module.HELD_OUT_TEMPLATES if held_out else module.TEMPLATES)
+    # digits: bare labels; music: melodies (its rewards read the prompt)
+    return prompts, [m if isinstance(m, dict) else {"digit": m} if isinstance(m, int) else {} for m in meta]
+
+
+def iteration_prompts(cfg: GRPOConfig, iteration: int, file_prompts: list[str] | None = None,
+                      world: str = "digits") -> tuple[list[str], list[dict]]:
+    """The iteration's ``prompts_per_iteration`` prompts (and metadata), identical on every process; without a
+    prompt file, the toy ``world``'s training phrasings."""
     seed = cfg.seed * 1_000_003 + iteration
     if file_prompts is not None:
         rng = random.Random(seed)
         return [rng.choice(file_prompts) for _ in range(cfg.prompts_per_iteration)], \
             [{} for _ in range(cfg.prompts_per_iteration)]
-    from ..toy.prompts import sample_prompts
-
-    prompts, digits = sample_prompts(cfg.prompts_per_iteration, seed=seed)
-    return prompts, [{"digit": d} for d in digits]
+    return toy_prompts(world, cfg.prompts_per_iteration, seed)
 
 
 def local_trajectories(cfg: GRPOConfig, rank: int, world: int) -> list[int]:

@@ -11,14 +11,13 @@ from ..inference import generate, save_grid
 EVAL_SEED = 10_007  # never a training seed: training draws from (seed, iteration)
 
 
-def heldout_prompts(n: int, file_prompts: list[str] | None) -> tuple[list[str], list[dict]]:
-    """Held-out toy prompts (phrasings never used in training), or the first n of the prompt file."""
+def heldout_prompts(n: int, file_prompts: list[str] | None, world: str = "digits") -> tuple[list[str], list[dict]]:
+    """Held-out prompts of the toy ``world`` (phrasings never used in training), or the first n of the prompt file."""
     if file_prompts is not None:
         return file_prompts[:n], [{} for _ in file_prompts[:n]]
-    from ..toy.prompts import HELD_OUT_TEMPLATES, sample_prompts
+    from .prompts import toy_prompts
 
-    prompts, digits = sample_prompts(n, seed=EVAL_SEED, templates=HELD_OUT_TEMPLATES)
-    return prompts, [{"digit": d} for d in digits]
+    return toy_prompts(world, n, EVAL_SEED, held_out=True)
 
 
 @torch.no_grad()
@@ -28,8 +27,10 @@ def evaluate_policy(gen, reward, prompts, meta, steps: int, guidance: float) -> 
     return media, reward.score(media, prompts, meta)
 
 
-def write_report(out: Path, before: tuple, after: tuple, history: list[dict], extra: dict) -> dict:
-    """``report/{before,after}.png``, ``reward_curve.png`` and ``metrics.json``; returns the metrics."""
+def write_report(out: Path, before: tuple, after: tuple, history: list[dict], extra: dict,
+                 sample_rate: int | None = None) -> dict:
+    """``report/{before,after}.png`` (audio: ``before_*.wav`` / ``after_*.wav`` at ``sample_rate``),
+    ``reward_curve.png`` and ``metrics.json``; returns the metrics."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -37,8 +38,14 @@ def write_report(out: Path, before: tuple, after: tuple, history: list[dict], ex
 
     report = out / "report"
     report.mkdir(parents=True, exist_ok=True)
-    save_grid(before[0][:50], report / "before.png")
-    save_grid(after[0][:50], report / "after.png")
+    if before[0].ndim == 3:  # audio [B,C,L]: a few clips to listen to
+        from ..inference import save_wav
+
+        save_wav(before[0][:8], report / "before.wav", sample_rate or 16_000)
+        save_wav(after[0][:8], report / "after.wav", sample_rate or 16_000)
+    else:
+        save_grid(before[0][:50], report / "before.png")
+        save_grid(after[0][:50], report / "after.png")
     fig, ax = plt.subplots(figsize=(5, 3))
     ax.plot([h["iteration"] for h in history], [h["reward/mean"] for h in history])
     ax.set_xlabel("iteration")

@@ -36,20 +36,47 @@ def to_grey(images: torch.Tensor) -> torch.Tensor:
     return grey * 2 - 1
 
 
+def ink_crop(images: torch.Tensor, fraction: float) -> torch.Tensor:
+    """RGB ``[B,3,H,W]`` -> the square ``fraction`` of each image centred on its ink centroid, resampled to
+    16x16 (bilinear; differentiable in the pixels, the centroid is held fixed)."""
+    with torch.no_grad():
+        ink = images.mean(dim=1)
+        h, w = ink.shape[-2:]
+        ys = ((2 * torch.arange(h, device=ink.device, dtype=ink.dtype) + 1) / h - 1).view(h, 1)
+        xs = ((2 * torch.arange(w, device=ink.device, dtype=ink.dtype) + 1) / w - 1).view(1, w)
+        mass = ink.sum(dim=(-2, -1)).clamp_min(1e-6)
+        cy, cx = (ink * ys).sum(dim=(-2, -1)) / mass, (ink * xs).sum(dim=(-2, -1)) / mass
+    theta = torch.zeros(images.shape[0], 2, 3, device=images.device, dtype=images.dtype)
+    theta[:, 0, 0] = theta[:, 1, 1] = fraction
+    theta[:, 0, 2], theta[:, 1, 2] = cx, cy
+    grid = torch.nn.functional.affine_grid(theta, [images.shape[0], 3, 16, 16], align_corners=False)
+    return torch.nn.functional.grid_sample(images, grid, align_corners=False, padding_mode="zeros")
+
+
 class DigitClassifierReward(Reward):
-    """Probability the classifier gives to the prompted digit (differentiable)."""
+    """Probability the classifier gives to the prompted digit (differentiable).
+
+    ``crop`` (a fraction of the frame) first crops around the ink centroid: 0.5 reads the 8x8 digit of a
+    moving-digits video frame (16x16), which the classifier alone, trained on full-frame digits, cannot."""
 
     name = "toy/classifier"
     differentiable = True
     input_spec = InputSpec(range=(0.0, 1.0), layout="BCHW", size=(16, 16))
 
-    def __init__(self, path: str | Path | None = None):
+    def __init__(self, path: str | Path | None = None, crop: float | None = None):
         super().__init__()
+        if crop is not None and not 0 < crop <= 1:
+            raise ValueError(f"{self.name}: crop must be a fraction in (0, 1], got {crop}")
         self.model = DigitClassifier.from_pretrained(path or WEIGHTS / "classifier").requires_grad_(False)
+        self.crop = crop
+
+    def view(self, media: torch.Tensor) -> torch.Tensor:
+        """What the classifier sees: the images, or their ink-centred crops."""
+        return media if self.crop is None else ink_crop(media, self.crop)
 
     def _score(self, media, prompts, metadata):
         targets = torch.tensor(target_digits(prompts, metadata), device=media.device)
-        probs = self.model(to_grey(media)).softmax(-1)
+        probs = self.model(to_grey(self.view(media))).softmax(-1)
         return probs.gather(1, targets[:, None]).squeeze(1)
 
 
@@ -61,7 +88,7 @@ class DigitMatchReward(DigitClassifierReward):
 
     def _score(self, media, prompts, metadata):
         targets = torch.tensor(target_digits(prompts, metadata), device=media.device)
-        return (self.model(to_grey(media)).argmax(-1) == targets).float()
+        return (self.model(to_grey(self.view(media))).argmax(-1) == targets).float()
 
 
 class BoldDigitReward(DigitClassifierReward):
@@ -74,10 +101,10 @@ class BoldDigitReward(DigitClassifierReward):
 
     name = "toy/bold_digit"
 
-    def __init__(self, path=None, target_ink: float = 0.45):
-        super().__init__(path)
+    def __init__(self, path=None, target_ink: float = 0.45, crop: float | None = None):
+        super().__init__(path, crop)
         self.target_ink = target_ink
 
     def _score(self, media, prompts, metadata):
-        ink = media.mean(dim=(1, 2, 3))
+        ink = self.view(media).mean(dim=(1, 2, 3))
         return super()._score(media, prompts, metadata) * (ink / self.target_ink).clamp(max=1.0)

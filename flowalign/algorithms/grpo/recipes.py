@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from samplers.kernels import NoiseSchedule, cps, dance, flow_grpo
+from samplers.kernels import NoiseSchedule, cps, dance, ddim, flow_grpo
 from samplers.rollout import Node
 from samplers.structures import branches, independent, linear_depth_noise, singular, tree
 from samplers.windows import WindowSchedule
@@ -14,8 +14,9 @@ from ...config import GRPOConfig
 
 
 def noise_schedule(cfg: GRPOConfig) -> NoiseSchedule:
-    """``flow_grpo(a)`` (g = a·sqrt(σ/(1-σ))), ``dance(η)`` (g = η) or ``cps(a)``."""
-    return {"flow_grpo": flow_grpo, "dance": dance, "cps": cps}[cfg.noise](cfg.noise_level)
+    """``flow_grpo(a)`` (g = a·sqrt(σ/(1-σ))), ``dance(η)`` (g = η), ``cps(a)`` or ``ddim(η)`` (DDPO's
+    DDIM-η for ε/v-prediction models such as SD 1.5 / SDXL, in flow coordinates)."""
+    return {"flow_grpo": flow_grpo, "dance": dance, "cps": cps, "ddim": ddim}[cfg.noise](cfg.noise_level)
 
 
 def sde_and_train_steps(cfg: GRPOConfig, iteration: int) -> tuple[list[int], list[int], float | None]:
@@ -52,6 +53,21 @@ def rollout_plan(cfg: GRPOConfig, sigmas: torch.Tensor, iteration: int,
     return independent(sigmas, cfg.prompts_per_iteration, cfg.group_size, sde_steps=sde, train_steps=train,
                        train_fraction=fraction, share_prefix=cfg.share_noise,
                        seed=cfg.seed * 7919 + iteration, select=select)
+
+
+def flash_split(cfg: GRPOConfig, sigmas: torch.Tensor, iteration: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """MixGRPO-Flash (grpo_family.md §3): the grid up to the end of the SDE window, and the tail the
+    trajectories are finished on by DPM-Solver++: ``max(int((T-1-last)·flash_fraction), 1)`` steps re-spaced
+    over the rest of the model's own grid (None when the window reaches the end)."""
+    T = len(sigmas) - 1
+    last = max(sde_and_train_steps(cfg, iteration)[0])
+    if last + 1 >= T:
+        return sigmas, None
+    n = max(int((T - 1 - last) * cfg.flash_fraction), 1)
+    position = torch.linspace(last + 1, T, n + 1, device=sigmas.device)
+    low = position.floor().long().clamp(max=T - 1)
+    tail = torch.lerp(sigmas[low], sigmas[low + 1], position - low)
+    return sigmas[:last + 2], tail
 
 
 #: Variants whose rollouts share a trunk per prompt (one root per prompt, groups inside the plan).

@@ -1,0 +1,56 @@
+"""Dynamic-TreeRPO's LayerTuning-RL (Eq. 13, paper-approximate): a regression toward the best path's velocity.
+
+Per group (a prompt's tree, or its independent trajectories), the path to the max-reward leaf is the
+"best path". At every layer (step) on it, the velocity that would have produced the step it actually
+took is ``V*_t``: the ``v`` with ``step_mean(v, x_t) = x_{t+1}`` (the kernel's mean is affine in ``v``).
+The term ``λ·w·||v_θ(x_t) - V*_t||²`` pulls the policy toward that step, i.e. supervised fine-tuning on the
+best path in velocity space (the same as its negative log-prob with each step's ``std²/B²`` scale removed).
+
+The paper does not give its weight: ``advantage`` weighs a group by its best leaf's positive advantage
+(a flat group, where the "best" is noise, contributes nothing: the reviewers' "best of the worst" risk),
+``uniform`` weighs every group by 1. Both are labelled paper-approximate in the config.
+"""
+from __future__ import annotations
+
+import torch
+
+from samplers.kernels import NoiseSchedule, step_mean
+
+
+def best_path_weights(leaf_rewards: torch.Tensor, leaf_adv: torch.Tensor, leaf_group: torch.Tensor,
+                      transition_leaves: torch.Tensor, weight: str = "advantage") -> torch.Tensor:
+    """Per transition: the weight of the LayerTuning term (0 off the best paths). ``transition_leaves``:
+    bool ``[T, L]``, the leaves below each transition; NaN rewards (skipped samples) are never best."""
+    rewards = torch.where(torch.isfinite(leaf_rewards), leaf_rewards, torch.full_like(leaf_rewards, -torch.inf))
+    groups, inverse = torch.unique(leaf_group, return_inverse=True)
+    best_reward = torch.full((len(groups),), -torch.inf, device=rewards.device).scatter_reduce(
+        0, inverse, rewards, reduce="amax")
+    is_best = (rewards == best_reward[inverse]) & torch.isfinite(rewards)
+    # one best leaf per group: the first of ties
+    first = torch.full((len(groups),), len(rewards), device=rewards.device, dtype=torch.long).scatter_reduce(
+        0, inverse[is_best], torch.nonzero(is_best).squeeze(1), reduce="amin")
+    best = torch.zeros_like(is_best)
+    best[first[first < len(rewards)]] = True
+    if weight == "advantage":
+        leaf_weight = torch.where(best, leaf_adv.clamp(min=0), torch.zeros_like(leaf_adv))
+    elif weight == "uniform":
+        leaf_weight = best.float()
+    else:
+        raise ValueError(f"layer_tuning_weight: expected advantage or uniform, got {weight!r}")
+    # a transition lies on the best path of at most one group: its leaves all belong to one prompt
+    return (transition_leaves.float() * leaf_weight).amax(dim=1)
+
+
+def velocity_targets(x: torch.Tensor, x_next: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor,
+                     schedule: NoiseSchedule, scale: torch.Tensor) -> torch.Tensor:
+    """``V*``: the velocity whose step mean is the stored next state (``mean = a + b·v`` solved for v)."""
+    zeros = torch.zeros_like(x, dtype=torch.float32)
+    a, _ = step_mean(zeros, x, sigma, sigma_next, schedule, scale)
+    b, _ = step_mean(torch.ones_like(zeros), x, sigma, sigma_next, schedule, scale)
+    return (x_next.float() - a) / (b - a)
+
+
+def layer_tuning_loss(v: torch.Tensor, v_target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``Σ_i w_i·mean((v_i - V*_i)²) / n``: averaged over the batch like the policy loss."""
+    per_transition = (v.float() - v_target).pow(2).flatten(1).mean(dim=1)
+    return (weights * per_transition).sum() / max(len(weights), 1)

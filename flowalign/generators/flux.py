@@ -1,0 +1,131 @@
+"""FLUX.1 behind the Generator interface, wrapping a diffusers ``FluxPipeline``.
+
+Latents: the interface's latent is the *unpacked* VAE grid ``[C, H/8, W/8]`` (so a seed means the same
+noise as the pipeline's ``randn`` before ``_pack_latents``); ``predict`` packs it into 2x2-patch tokens
+``[H/16·W/16, 4C]`` for the transformer and unpacks the velocity again. FLUX is a rectified-flow model, so
+the transformer's output is already the velocity ``ε - x0``.
+
+Guidance: FLUX.1-dev is guidance-distilled: the guidance scale is an *input* of the transformer
+(``guidance_embeds``), not two passes. It is the adapter's ``embedded_guidance`` (the pipeline's
+``guidance_scale``, default 3.5); the interface's ``guidance`` is real CFG (the pipeline's
+``true_cfg_scale``) and stays 1.0 by default, so FLUX configs keep ``train.guidance=1``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import FluxPipeline
+from torch import nn
+
+from samplers.timegrid import from_scheduler_config
+
+from ..errors import FlowalignError
+from .base import Conditioning, Generator
+from .loading import load_pipeline
+
+
+class FluxGenerator(Generator):
+    """FLUX.1 [dev] / [schnell]: MMDiT + single-stream transformer, CLIP-L (pooled) + T5 text encoders."""
+
+    modality = "image"
+    #: ``FluxPipeline.__call__`` defaults; guidance 1.0: no real CFG (the distilled guidance is ``embedded_guidance``).
+    default_steps = 28
+    default_guidance = 1.0
+    #: diffusers' FLUX LoRA training script (train_dreambooth_lora_flux.py): attention and feed-forwards of the
+    #: double-stream blocks; ``attn.to_{q,k,v}`` also match the single-stream blocks' attention.
+    lora_target_modules = ["attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj",
+                           "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2",
+                           "ff_context.net.0.proj", "ff_context.net.2"]
+    lora_format = ("FluxPipeline", "transformer")
+
+    def __init__(self, pipe: FluxPipeline, device: torch.device | str = "cpu", height: int | None = None,
+                 width: int | None = None, embedded_guidance: float = 3.5, max_sequence_length: int = 512):
+        self.pipe = pipe.to(device)
+        for module in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
+            module.eval().requires_grad_(False)
+        self._device = torch.device(device)
+        default_size = pipe.default_sample_size * pipe.vae_scale_factor
+        self.height, self.width = height or default_size, width or default_size
+        multiple = pipe.vae_scale_factor * 2  # the VAE's downsampling times the 2x2 packing
+        if self.height % multiple or self.width % multiple:
+            raise FlowalignError(f"FLUX: height and width must be multiples of {multiple}, "
+                                 f"got {self.height}x{self.width}")
+        self.embedded_guidance = embedded_guidance
+        self.max_sequence_length = max_sequence_length
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32,
+                        device: torch.device | str | None = None, local_files_only: bool = False,
+                        **kwargs) -> "FluxGenerator":
+        """Load a hub id or local pipeline folder; ``kwargs`` go to the constructor (height, embedded_guidance, ...)."""
+        pipe = load_pipeline(FluxPipeline, path, dtype, local_files_only, "FLUX")
+        if device is None:  # this process's accelerate device (the GPU of its rank)
+            from accelerate import PartialState
+            device = PartialState().device
+        return cls(pipe, device, **kwargs)
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pipe.transformer.dtype
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        """The unpacked latent grid ``[C, H/s, W/s]`` (C = transformer channels / 4, the 2x2 packing)."""
+        scale = self.pipe.vae_scale_factor
+        return (self.pipe.transformer.config.in_channels // 4, self.height // scale, self.width // scale)
+
+    @property
+    def trainable_module(self) -> nn.Module:
+        return self.pipe.transformer
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str], negative_prompt: str | list[str] | None = "") -> Conditioning:
+        """T5 sequence embeddings and CLIP's pooled embedding, as ``FluxPipeline.encode_prompt`` builds them."""
+        prompts = list(prompts)
+        positive = self._encode(prompts)
+        negative = None
+        if negative_prompt is not None:
+            negative_prompt = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else negative_prompt
+            negative = self._encode(list(negative_prompt))
+        return Conditioning(prompts, positive, negative)
+
+    def _encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        # text_ids (zeros, one row per token) are not batch-first; predict rebuilds them from the sequence length.
+        embeds, pooled, _ = self.pipe.encode_prompt(prompt=prompts, prompt_2=None, device=self.device,
+                                                    max_sequence_length=self.max_sequence_length)
+        return {"prompt_embeds": embeds, "pooled": pooled}
+
+    def predict(self, x: torch.Tensor, sigma: torch.Tensor, embeds: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Pack the latents, run the transformer at timestep σ (FLUX takes σ, not σ·1000) with the embedded
+        guidance, unpack: the velocity ``ε - x0`` on the latent grid."""
+        pipe, dtype = self.pipe, self.pipe.transformer.dtype
+        b, c, h, w = x.shape
+        tokens = pipe._pack_latents(x.to(dtype), b, c, h, w)
+        img_ids = pipe._prepare_latent_image_ids(b, h // 2, w // 2, x.device, dtype)
+        txt_ids = torch.zeros(embeds["prompt_embeds"].shape[1], 3, device=x.device, dtype=dtype)
+        guidance = None
+        if pipe.transformer.config.guidance_embeds:
+            guidance = torch.full((b,), self.embedded_guidance, device=x.device, dtype=torch.float32)
+        out = self.forward_module(hidden_states=tokens, timestep=sigma.to(dtype), guidance=guidance,
+                                  pooled_projections=embeds["pooled"].to(dtype),
+                                  encoder_hidden_states=embeds["prompt_embeds"].to(dtype), txt_ids=txt_ids,
+                                  img_ids=img_ids, return_dict=False)[0]
+        return pipe._unpack_latents(out, self.height, self.width, pipe.vae_scale_factor).float()
+
+    def sigmas(self, num_steps: int) -> torch.Tensor:
+        """The pipeline's grid: ``linspace(1, 1/N, N)`` shifted (dynamically by the image token count), then 0."""
+        _, h, w = self.latent_shape
+        return from_scheduler_config(self.pipe.scheduler.config, num_steps, (h // 2) * (w // 2),
+                                     base="flux").to(self.device)
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Latents -> VAE (scaling and shift factors undone) -> RGB ``[B,3,H,W]`` in [0,1], float32."""
+        vae = self.pipe.vae
+        latents = x.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+        images = vae.decode(latents, return_dict=False)[0]
+        return (images.float() / 2 + 0.5).clamp(0, 1)
