@@ -66,9 +66,8 @@ def _build_video(out: Path, steps: int, seed: int, measure: bool, print_fn) -> N
     from .video_flow import VideoFlowTrainConfig, measure_video_model, train_video_flow
 
     train_video_flow(out, VideoFlowTrainConfig(steps=steps, seed=seed), print_fn=print_fn)
-    if measure:
-        figures = measure_video_model(ToyVideoGenerator.from_pretrained(out, device="cpu"))
-        print_fn("video flow model: " + ", ".join(f"{k} {v:.3f}" for k, v in figures.items()))
+    figures = measure_video_model(ToyVideoGenerator.from_pretrained(out, device="cpu")) if measure else {}
+    print_fn("video flow model: trained" + "".join(f", {k} {v:.3f}" for k, v in figures.items()))
 
 
 def _build_music(out: Path, steps: int, seed: int, measure: bool, print_fn) -> None:
