@@ -1,4 +1,4 @@
-"""The ``flowalign`` command: train | generate | evaluate | optimize | toy build | rewards list | app.
+"""The ``flowalign`` command: train | embed-prompts | generate | evaluate | optimize | toy build | rewards list | app.
 
 Errors a user can fix (bad config, missing file, unknown reward) print one line and exit with status 2.
 """
@@ -75,6 +75,34 @@ def _cmd_train(args: argparse.Namespace) -> None:
     from .training.run import train
 
     train(*_config_and_overrides(args), resume=args.resume_from_checkpoint)
+
+
+def _cmd_embed_prompts(args: argparse.Namespace) -> None:
+    """Encode a run's prompts (its prompt file and negative prompt) once and save them for train.prompt_embeds."""
+    from .config import ConfigError, load_config
+    from .generators import load_generator
+    from .generators.prompt_cache import PromptCache
+    from .training.prompts import read_prompt_file
+
+    cfg = load_config(*_config_and_overrides(args))
+    source = args.prompt_file or cfg.train.prompt_file
+    if not source:
+        raise ConfigError("embed-prompts: give --prompt-file or set train.prompt_file (the toy prompt generator's "
+                          "prompts are encoded on the fly: use train.cache_prompts)")
+    if not Path(source).is_file():
+        raise ConfigError(f"embed-prompts: prompt file '{source}' not found")
+    prompts = list(dict.fromkeys(read_prompt_file(source)))
+    gen = load_generator(cfg.model.name, cfg.model.dtype, local_files_only=cfg.model.local_files_only,
+                         **cfg.model.options)
+    cache = PromptCache().bind(gen)
+    negative = cfg.sample.negative_prompt if cfg.train.guidance != 1.0 or cfg.sample.guidance != 1.0 else None
+    from tqdm import tqdm
+
+    for start in tqdm(range(0, len(prompts), args.batch_size), desc="embed-prompts", unit="batch"):
+        gen.encode(prompts[start:start + args.batch_size], negative_prompt=negative)
+    out = cache.save(args.out or Path(cfg.output_dir) / "prompt_embeds.safetensors")
+    print(f"wrote embeddings of {len(prompts)} prompts" + (" and the negative prompt" if negative is not None else "")
+          + f" to {out}")
 
 
 def _cmd_toy_build(args: argparse.Namespace) -> None:
@@ -171,6 +199,14 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume_from_checkpoint", "--resume-from-checkpoint", default=None,
                     help="'latest' (the newest checkpoint under output_dir/checkpoints) or a checkpoint folder")
     tr.set_defaults(func=_cmd_train)
+
+    emb = sub.add_parser("embed-prompts", help="precompute a run's prompt embeddings (train.prompt_embeds)")
+    emb.add_argument("config", nargs="?", default=None, help="a YAML config (its model, prompt file, negative prompt)")
+    emb.add_argument("overrides", nargs="*", help="key=value overrides")
+    emb.add_argument("--prompt-file", default=None, help="one prompt per line (default: train.prompt_file)")
+    emb.add_argument("--out", default=None, help="default: OUTPUT_DIR/prompt_embeds.safetensors")
+    emb.add_argument("--batch-size", type=int, default=32)
+    emb.set_defaults(func=_cmd_embed_prompts)
 
     toy = sub.add_parser("toy", help="the embedded toy world").add_subparsers(dest="toy_command", required=True)
     build = toy.add_parser("build", help="retrain every toy model from scratch (fixed seeds)")

@@ -147,6 +147,11 @@ class GRPOConfig:
     ema_decay: float = bounded(0.0, min=0.0, max=1.0)
     mixed_precision: Literal["no", "fp16", "bf16"] | None = bounded(None, doc="None: accelerate's config decides")
     gradient_checkpointing: bool = False
+    cache_prompts: bool = bounded(False, doc="encode each distinct prompt once, keep its embeddings on the CPU")
+    prompt_embeds: str | None = bounded(None, must_exist=True, doc="precomputed prompt embeddings "
+                                        "(flowalign embed-prompts)")
+    text_encoders: Literal["device", "offload", "drop"] = bounded(
+        "device", doc="frozen text encoders: on the device, CPU-offloaded between uses, or freed (needs prompt_embeds)")
     checkpoint_every: int = bounded(10, min=0)
     checkpoints_total_limit: int = bounded(3, min=1)
     eval_prompts: int = bounded(50, min=0, doc="held-out toy prompts for the before/after report")

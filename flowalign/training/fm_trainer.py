@@ -73,11 +73,13 @@ class OnPolicyFlowMatchingTrainer(GRPOTrainer):
         return {"x": (1 - s) * x0[owner] + s * eps, "sigma": sigma, "target": eps - x0[owner], "owner": owner}
 
     def policy_velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond, reference: bool = False) -> torch.Tensor:
-        """The conditional velocity (flow matching trains the conditional model); ``reference``: LoRA off."""
+        """The velocity the samples come from: CFG-guided when ``train.cfg`` (both branches carry the LoRA), so
+        fitting on-policy samples does not compound the guidance; ``reference``: LoRA off."""
+        guidance = self.t.guidance if self.t.cfg else 1.0
         if not reference:
-            return self.gen.velocity(x, sigma, cond, guidance=1.0)
+            return self.gen.velocity(x, sigma, cond, guidance=guidance)
         with torch.no_grad(), adapters_disabled(self.gen.trainable_module, self.lora):
-            return self.gen.velocity(x, sigma, cond, guidance=1.0)
+            return self.gen.velocity(x, sigma, cond, guidance=guidance)
 
     def gathered_rewards(self, local: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """All processes' rewards ordered by trajectory id, and where this process's samples sit in them."""

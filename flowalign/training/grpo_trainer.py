@@ -28,6 +28,7 @@ from ..algorithms.grpo.recipes import STRUCTURED, flash_split, noise_schedule, r
 from ..config import ConfigError, RunConfig
 from ..errors import FlowalignError
 from ..generators import load_generator
+from ..generators.memory import place_text_encoders
 from . import checkpoint as ckpt
 from .lora import adapters_disabled, add_lora, load_trainable_state, save_lora_diffusers, trainable_state
 from .prompts import iteration_prompts, local_trajectories, read_prompt_file
@@ -55,6 +56,7 @@ class GRPOTrainer:
         self.acc = accelerator or Accelerator(log_with="tensorboard", project_dir=str(self.out), **precision)
         self.gen = load_generator(cfg.model.name, cfg.model.dtype, device=str(self.acc.device),
                                   local_files_only=cfg.model.local_files_only, **cfg.model.options)
+        self.prompt_cache = place_text_encoders(self.gen, t.text_encoders, t.cache_prompts, t.prompt_embeds)
         self.reward = reward_lib.load_weighted(cfg.reward.weights, cfg.reward.normalize,
                                                **cfg.reward.options).to(self.acc.device)
         self.reward.requires_grad_(False)  # frozen: kept out of accelerate's prepare
