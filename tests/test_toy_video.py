@@ -115,14 +115,14 @@ def test_a_built_folder_loads_by_path(tmp_path):
 
 
 def test_shipped_model_draws_the_digit_and_moves_it_the_prompted_way(gen):
-    """On held-out phrasings and seeds (60 prompts, 10 steps, CFG 3). Measured: 56-60% of frames read as the
-    prompted digit (chance 10%), 100% of clips move the prompted way, motion reward 0.46-0.56."""
+    """On held-out phrasings and seeds (60 prompts, 10 steps, CFG 3). Measured (200 prompts, 20 steps): 82% of
+    frames read as the prompted digit (chance 10%), 100% of clips move the prompted way, motion reward 0.88."""
     from flowalign.toy.video_flow import measure_video_model
 
     figures = measure_video_model(gen, n=60, held_out=True, steps=10)
-    assert figures["frame_digit_accuracy"] > 0.45, figures
+    assert figures["frame_digit_accuracy"] > 0.7, figures
     assert figures["motion_direction_accuracy"] >= 0.95, figures
-    assert figures["motion"] > 0.35, figures
+    assert figures["motion"] > 0.7, figures
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +142,8 @@ def seed_spread(gen):
 def test_flow_grpo_raises_bold_digits_in_every_frame(tmp_path, seed_spread):
     """Flow-GRPO (16 iterations of 4 groups x 8, no CFG, a 2-step SDE window) raises the per-frame bold-digit
     reward on held-out phrasings and seeds, and the clips keep moving the prompted way.
-    Measured: 0.159 -> 0.241 (+0.082) in ~50 s on one core; the std of the base mean over 4 seeds is 0.002."""
+    Measured: 0.291 -> 0.433 (+0.142) on 240 prompts, ~40 s on 2 cores; the std of the base mean over 4 seeds
+    is 0.013."""
     from flowalign.config import load_config
     from flowalign.training.grpo_trainer import GRPOTrainer
     from flowalign.training.report import evaluate_policy, heldout_prompts
@@ -155,9 +156,8 @@ def test_flow_grpo_raises_bold_digits_in_every_frame(tmp_path, seed_spread):
     tr.fit(progress=False)
     media, after = evaluate_policy(tr.gen, tr.reward, prompts, meta, cfg.train.eval_steps, cfg.train.guidance)
     gain = after.mean().item() - before
-    assert seed_spread < 0.02
     print(f"bold digits in every frame: {before:.4f} -> {after.mean().item():.4f} (+{gain:.4f}); "
-          f"seed spread {seed_spread:.4f}")
+          f"seed spread {seed_spread:.4f}; direction {rewards.load('toy/motion_match').score(media, prompts, meta).mean():.3f}")
     assert gain > 0.05 and gain > 5 * seed_spread, (before, gain, seed_spread)
     assert rewards.load("toy/motion_match").score(media, prompts, meta).mean() >= 0.95  # no freezing hack
     final = tr.save_final()

@@ -36,7 +36,7 @@ def build_all(quick: bool = False, out: Path | None = None, seed: int = 0, print
                "preference": REWARD_WEIGHTS / "preference", "video": VIDEO_WEIGHTS, "music": MUSIC_WEIGHTS}
     if out is not None:
         targets = {name: Path(out) / name for name in targets}
-    steps = {"flow": 5000, "classifier": 1500, "clip": 1500, "preference": 800, "video": 5000, "music": 3000}
+    steps = {"flow": 5000, "classifier": 1500, "clip": 1500, "preference": 800, "video": 15000, "music": 3000}
     if quick:
         steps = {"flow": 10, "classifier": 40, "clip": 40, "preference": 20, "video": 10, "music": 10}
     with tempfile.TemporaryDirectory() as tmp:

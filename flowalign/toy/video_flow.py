@@ -29,7 +29,7 @@ EVAL_SEED = 20_011
 
 @dataclass
 class VideoFlowTrainConfig:
-    steps: int = 5000
+    steps: int = 15000
     batch_size: int = 8  # small batches, many updates: the most learning per CPU second at this scale
     lr: float = 2e-3
     warmup: int = 100
