@@ -80,6 +80,9 @@ class GRPOConfig:
     guidance: float = bounded(3.0, min=0.0, max=100.0)
     cfg: bool = True
     noise: Literal["flow_grpo", "dance", "cps", "ddim"] = "flow_grpo"
+    cps_logp: Literal["gaussian", "flow_grpo"] = bounded(
+        "flow_grpo", doc="CPS log-prob: Flow-GRPO's -mean((x'-mu)^2) (every step weighted alike) or the exact "
+        "Gaussian (its 1/std^2 lets the last, least noisy steps dominate)")
     noise_level: float = bounded(0.7, min=0.0, max=10.0)
     window_size: int = bounded(0, min=0, doc="0: all steps SDE; >0: a random SDE window (Flow-GRPO-Fast)")
     window_high: int | None = bounded(None, min=1, doc="the window starts below this step (default steps // 2)")

@@ -16,7 +16,9 @@ from ...config import GRPOConfig
 def noise_schedule(cfg: GRPOConfig) -> NoiseSchedule:
     """``flow_grpo(a)`` (g = a·sqrt(σ/(1-σ))), ``dance(η)`` (g = η), ``cps(a)`` or ``ddim(η)`` (DDPO's
     DDIM-η for ε/v-prediction models such as SD 1.5 / SDXL, in flow coordinates)."""
-    return {"flow_grpo": flow_grpo, "dance": dance, "cps": cps, "ddim": ddim}[cfg.noise](cfg.noise_level)
+    if cfg.noise == "cps":
+        return cps(cfg.noise_level, cfg.cps_logp)
+    return {"flow_grpo": flow_grpo, "dance": dance, "ddim": ddim}[cfg.noise](cfg.noise_level)
 
 
 def sde_and_train_steps(cfg: GRPOConfig, iteration: int) -> tuple[list[int], list[int], float | None]:
