@@ -12,7 +12,6 @@ Guidance: FLUX.1-dev is guidance-distilled: the guidance scale is an *input* of 
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 from diffusers import FluxPipeline
@@ -21,12 +20,14 @@ from torch import nn
 from samplers.timegrid import from_scheduler_config
 
 from ..errors import FlowalignError
-from .base import Conditioning, Generator
-from .loading import load_pipeline
+from .base import Conditioning
+from .pipeline import PipelineGenerator
 
 
-class FluxGenerator(Generator):
+class FluxGenerator(PipelineGenerator):
     """FLUX.1 [dev] / [schnell]: MMDiT + single-stream transformer, CLIP-L (pooled) + T5 text encoders."""
+    pipeline_class = FluxPipeline
+    family = "FLUX"
 
     modality = "image"
     #: ``FluxPipeline.__call__`` defaults; guidance 1.0: no real CFG (the distilled guidance is ``embedded_guidance``).
@@ -53,25 +54,6 @@ class FluxGenerator(Generator):
                                  f"got {self.height}x{self.width}")
         self.embedded_guidance = embedded_guidance
         self.max_sequence_length = max_sequence_length
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32,
-                        device: torch.device | str | None = None, local_files_only: bool = False,
-                        **kwargs) -> "FluxGenerator":
-        """Load a hub id or local pipeline folder; ``kwargs`` go to the constructor (height, embedded_guidance, ...)."""
-        pipe = load_pipeline(FluxPipeline, path, dtype, local_files_only, "FLUX")
-        if device is None:  # this process's accelerate device (the GPU of its rank)
-            from accelerate import PartialState
-            device = PartialState().device
-        return cls(pipe, device, **kwargs)
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.pipe.transformer.dtype
 
     @property
     def latent_shape(self) -> tuple[int, ...]:

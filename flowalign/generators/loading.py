@@ -33,3 +33,11 @@ def _from_pretrained(pipeline_class: type, path: str, dtype: torch.dtype, local_
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
         return pipeline_class.from_pretrained(path, torch_dtype=dtype, local_files_only=local_files_only, **kwargs)
+
+
+def default_device(device: torch.device | str | None) -> torch.device | str:
+    """``device``, or this process's accelerate device (the GPU of its rank) when None."""
+    if device is None:
+        from accelerate import PartialState
+        return PartialState().device
+    return device

@@ -10,15 +10,14 @@ the scheduler's timesteps; exact on them), turns its output into x̂0 and ε̂ a
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from torch import nn
 
 from ..errors import FlowalignError
-from .base import Conditioning, Generator
-from .loading import load_pipeline
+from .base import Conditioning
+from .pipeline import PipelineGenerator
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -61,7 +60,7 @@ def flow_velocity(output: torch.Tensor, x_t: torch.Tensor, a: torch.Tensor, s: t
     return eps - x0
 
 
-class StableDiffusionGenerator(Generator):
+class StableDiffusionGenerator(PipelineGenerator):
     """SD 1.x / 2.x: UNet2DConditionModel, one CLIP text encoder, 4-channel VAE; ε- or v-prediction.
 
     Sampling follows DDIM's path on the pipeline's noise schedule whatever scheduler class it ships
@@ -96,25 +95,6 @@ class StableDiffusionGenerator(Generator):
         default_size = pipe.unet.config.sample_size * pipe.vae_scale_factor
         self.height = height or default_size
         self.width = width or default_size
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32,
-                        device: torch.device | str | None = None, local_files_only: bool = False,
-                        **kwargs) -> "StableDiffusionGenerator":
-        """Load a hub id or a local pipeline directory; ``kwargs`` go to the constructor (height, width)."""
-        pipe = load_pipeline(cls.pipeline_class, path, dtype, local_files_only, cls.family, **cls.load_kwargs)
-        if device is None:
-            from accelerate import PartialState
-            device = PartialState().device
-        return cls(pipe, device, **kwargs)
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.pipe.unet.dtype
 
     @property
     def latent_shape(self) -> tuple[int, ...]:

@@ -1,7 +1,6 @@
 """Stable Diffusion 3 / 3.5 behind the Generator interface, wrapping a diffusers ``StableDiffusion3Pipeline``."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 from diffusers import StableDiffusion3Pipeline
@@ -9,12 +8,14 @@ from torch import nn
 
 from samplers.timegrid import from_scheduler_config
 
-from .base import Conditioning, Generator
-from .loading import load_pipeline
+from .base import Conditioning
+from .pipeline import PipelineGenerator
 
 
-class SD3Generator(Generator):
+class SD3Generator(PipelineGenerator):
     """SD3(.5): MMDiT transformer, CLIP-L + CLIP-G (+ optional T5) text encoders, 16-channel VAE."""
+    pipeline_class = StableDiffusion3Pipeline
+    family = "SD3"
 
     modality = "image"
     #: ``StableDiffusion3Pipeline.__call__`` defaults (SD3.5 medium's model card uses 40 steps / 4.5).
@@ -35,25 +36,6 @@ class SD3Generator(Generator):
         self.height = height or default_size
         self.width = width or default_size
         self.max_sequence_length = max_sequence_length
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32,
-                        device: torch.device | str | None = None, local_files_only: bool = False,
-                        **kwargs) -> "SD3Generator":
-        """Load a hub id or a local pipeline directory; ``kwargs`` go to the constructor (height, width, ...)."""
-        pipe = load_pipeline(StableDiffusion3Pipeline, path, dtype, local_files_only, "SD3")
-        if device is None:
-            from accelerate import PartialState
-            device = PartialState().device
-        return cls(pipe, device, **kwargs)
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.pipe.transformer.dtype
 
     @property
     def latent_shape(self) -> tuple[int, ...]:

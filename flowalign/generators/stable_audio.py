@@ -31,8 +31,8 @@ from diffusers.models.embeddings import get_1d_rotary_pos_embed
 from torch import nn
 
 from ..errors import FlowalignError
-from .base import Conditioning, Generator
-from .loading import load_pipeline
+from .base import Conditioning
+from .pipeline import PipelineGenerator
 
 
 def enable_lora_adapters(module: nn.Module) -> nn.Module:
@@ -46,8 +46,10 @@ def enable_lora_adapters(module: nn.Module) -> nn.Module:
     return module
 
 
-class StableAudioGenerator(Generator):
+class StableAudioGenerator(PipelineGenerator):
     """Stable Audio Open: DiT over VAE latents ``[C, L]``, T5 + number conditioners for the duration."""
+    pipeline_class = StableAudioPipeline
+    family = "Stable Audio"
 
     modality = "audio"
     #: ``StableAudioPipeline.__call__`` defaults.
@@ -77,24 +79,12 @@ class StableAudioGenerator(Generator):
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32,
                         device: torch.device | str | None = None, local_files_only: bool = False,
                         **kwargs) -> "StableAudioGenerator":
-        """Load a hub id or local pipeline folder; ``kwargs`` go to the constructor (audio_end_in_s, ...)."""
+        """``PipelineGenerator.from_pretrained``, after checking for torchsde (``kwargs``: audio_end_in_s, ...)."""
         from diffusers.utils import is_torchsde_available
 
         if not is_torchsde_available():  # its CosineDPMSolverMultistepScheduler needs it
             raise FlowalignError("Stable Audio needs torchsde: pip install 'flowalign[audio]' (or torchsde)")
-        pipe = load_pipeline(StableAudioPipeline, path, dtype, local_files_only, "Stable Audio")
-        if device is None:  # this process's accelerate device (the GPU of its rank)
-            from accelerate import PartialState
-            device = PartialState().device
-        return cls(pipe, device, **kwargs)
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.pipe.transformer.dtype
+        return super().from_pretrained(path, dtype, device, local_files_only, **kwargs)
 
     @property
     def latent_shape(self) -> tuple[int, ...]:

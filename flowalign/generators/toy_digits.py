@@ -12,14 +12,28 @@ from samplers.timegrid import from_scheduler_config
 from ..errors import FlowalignError
 from ..toy.text_encoder import ToyTextEncoder
 from .base import Conditioning, Generator
+from .loading import default_device
 
 SHIPPED = Path(__file__).resolve().parent.parent / "toy" / "weights" / "digits"
+
+
+def load_toy_folder(path: str | Path, transformer_class: type, world: str, dtype: torch.dtype) -> tuple:
+    """(transformer, text encoder, scheduler) from a toy model folder; one line naming a missing part."""
+    path = Path(path)
+    for part in ("transformer", "text_encoder", "scheduler"):
+        if not (path / part).is_dir():
+            raise FlowalignError(f"toy {world} model {path}: missing folder '{part}/' "
+                                 "(expected the output of `flowalign toy build`)")
+    return (transformer_class.from_pretrained(path / "transformer", torch_dtype=dtype),
+            ToyTextEncoder.from_pretrained(path / "text_encoder"),
+            FlowMatchEulerDiscreteScheduler.from_pretrained(path / "scheduler"))
 
 
 class ToyDigitsGenerator(Generator):
     """Rectified flow on scikit-learn's digits; the "latent" is the image itself in [-1,1] (ink = +1)."""
 
     modality = "image"
+    toy_world = "digits"  # the trainer's prompts and held-out evaluation prompts come from this world
     default_steps = 20
     default_guidance = 3.0
     lora_target_modules = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
@@ -39,17 +53,8 @@ class ToyDigitsGenerator(Generator):
     def from_pretrained(cls, path: str | Path = SHIPPED, device: torch.device | str | None = None,
                         dtype: torch.dtype = torch.float32) -> "ToyDigitsGenerator":
         """Load a folder written by ``flowalign toy build`` (``transformer/``, ``text_encoder/``, ``scheduler/``)."""
-        path = Path(path)
-        for part in ("transformer", "text_encoder", "scheduler"):
-            if not (path / part).is_dir():
-                raise FlowalignError(f"toy digits model {path}: missing folder '{part}/' "
-                                     "(expected the output of `flowalign toy build`)")
-        if device is None:
-            from accelerate import PartialState
-            device = PartialState().device
-        return cls(SD3Transformer2DModel.from_pretrained(path / "transformer", torch_dtype=dtype),
-                   ToyTextEncoder.from_pretrained(path / "text_encoder"),
-                   FlowMatchEulerDiscreteScheduler.from_pretrained(path / "scheduler"), device, dtype)
+        parts = load_toy_folder(path, SD3Transformer2DModel, cls.toy_world, dtype)
+        return cls(*parts, default_device(device), dtype)
 
     @property
     def device(self) -> torch.device:

@@ -10,12 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 
 from rewards.toy.melody import FRAMES, PITCHES, SAMPLE_RATE, render
 
-from ..errors import FlowalignError
-from ..toy.text_encoder import ToyTextEncoder
 from .toy_digits import ToyDigitsGenerator
 
 SHIPPED = Path(__file__).resolve().parent.parent / "toy" / "weights" / "music"
@@ -31,22 +28,6 @@ class ToyMusicGenerator(ToyDigitsGenerator):
     sample_rate = SAMPLE_RATE
     default_steps = 20
     default_guidance = 3.0
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path = SHIPPED, device: torch.device | str | None = None,
-                        dtype: torch.dtype = torch.float32) -> "ToyMusicGenerator":
-        """Load a folder written by ``flowalign toy build`` (``transformer/``, ``text_encoder/``, ``scheduler/``)."""
-        path = Path(path)
-        for part in ("transformer", "text_encoder", "scheduler"):
-            if not (path / part).is_dir():
-                raise FlowalignError(f"toy music model {path}: missing folder '{part}/' "
-                                     "(expected the output of `flowalign toy build`)")
-        if device is None:
-            from accelerate import PartialState
-            device = PartialState().device
-        return cls(SD3Transformer2DModel.from_pretrained(path / "transformer", torch_dtype=dtype),
-                   ToyTextEncoder.from_pretrained(path / "text_encoder"),
-                   FlowMatchEulerDiscreteScheduler.from_pretrained(path / "scheduler"), device, dtype)
 
     @property
     def latent_shape(self) -> tuple[int, ...]:

@@ -9,9 +9,10 @@ from torch import nn
 
 from samplers.timegrid import from_scheduler_config
 
-from ..errors import FlowalignError
 from ..toy.text_encoder import ToyTextEncoder
 from .base import Conditioning, Generator
+from .loading import default_device
+from .toy_digits import load_toy_folder
 
 SHIPPED = Path(__file__).resolve().parent.parent / "toy" / "weights" / "video"
 
@@ -59,17 +60,8 @@ class ToyVideoGenerator(Generator):
     def from_pretrained(cls, path: str | Path = SHIPPED, device: torch.device | str | None = None,
                         dtype: torch.dtype = torch.float32, num_frames: int = 4, size: int = 16) -> "ToyVideoGenerator":
         """Load a folder written by ``flowalign toy build`` (``transformer/``, ``text_encoder/``, ``scheduler/``)."""
-        path = Path(path)
-        for part in ("transformer", "text_encoder", "scheduler"):
-            if not (path / part).is_dir():
-                raise FlowalignError(f"toy video model {path}: missing folder '{part}/' "
-                                     "(expected the output of `flowalign toy build`)")
-        if device is None:
-            from accelerate import PartialState
-            device = PartialState().device
-        return cls(WanTransformer3DModel.from_pretrained(path / "transformer", torch_dtype=dtype),
-                   ToyTextEncoder.from_pretrained(path / "text_encoder"),
-                   FlowMatchEulerDiscreteScheduler.from_pretrained(path / "scheduler"), device, dtype, num_frames, size)
+        parts = load_toy_folder(path, WanTransformer3DModel, cls.toy_world, dtype)
+        return cls(*parts, default_device(device), dtype, num_frames, size)
 
     @property
     def device(self) -> torch.device:

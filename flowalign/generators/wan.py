@@ -13,7 +13,6 @@ and loads with ``pipe.load_lora_weights(dir, load_into_transformer_2=True)``.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -23,12 +22,14 @@ from torch import nn
 from samplers.timegrid import from_scheduler_config
 
 from ..errors import FlowalignError
-from .base import Conditioning, Generator
-from .loading import load_pipeline
+from .base import Conditioning
+from .pipeline import PipelineGenerator
 
 
-class WanGenerator(Generator):
+class WanGenerator(PipelineGenerator):
     """Wan 2.1 (one transformer) or Wan 2.2 A14B (high- and low-noise experts); UMT5 text encoder."""
+    pipeline_class = WanPipeline
+    family = "Wan"
 
     modality = "video"
     #: ``WanPipeline.__call__`` defaults.
@@ -63,25 +64,6 @@ class WanGenerator(Generator):
         self.num_train_timesteps = pipe.scheduler.config.num_train_timesteps
         ratio = pipe.config.get("boundary_ratio")
         self.boundary = None if ratio is None or pipe.transformer_2 is None else ratio * self.num_train_timesteps
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32,
-                        device: torch.device | str | None = None, local_files_only: bool = False,
-                        **kwargs) -> "WanGenerator":
-        """Load a hub id or local pipeline folder; ``kwargs`` go to the constructor (height, num_frames, ...)."""
-        pipe = load_pipeline(WanPipeline, path, dtype, local_files_only, "Wan")
-        if device is None:  # this process's accelerate device (the GPU of its rank)
-            from accelerate import PartialState
-            device = PartialState().device
-        return cls(pipe, device, **kwargs)
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.pipe.transformer.dtype
 
     @property
     def latent_shape(self) -> tuple[int, ...]:
