@@ -89,6 +89,9 @@ def test_bad_prompt_embedding_files_and_settings_are_one_line_errors(tmp_path, c
         place_text_encoders(gen, "drop")
     with pytest.raises(flowalign.FlowalignError, match="missing.safetensors': file not found"):
         PromptCache.load(tmp_path / "missing.safetensors")
+    (tmp_path / "broken.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(flowalign.FlowalignError, match="broken.safetensors': not a readable safetensors file"):
+        PromptCache.load(tmp_path / "broken.safetensors")
     save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(flowalign.FlowalignError, match="not a flowalign prompt-embedding file"):
         PromptCache.load(tmp_path / "other.safetensors")

@@ -91,8 +91,12 @@ class PromptCache:
             raise FlowalignError(f"prompt embeddings '{path}': file not found (write one with flowalign embed-prompts)")
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+        except Exception as err:  # safetensors raises its own error type for a damaged or foreign file
+            raise FlowalignError(f"prompt embeddings '{path}': not a readable safetensors file "
+                                 f"({type(err).__name__})") from None
         if meta.get("format") != FORMAT:
             raise FlowalignError(f"prompt embeddings '{path}': not a flowalign prompt-embedding file "
                                  f"(expected metadata format {FORMAT})")
