@@ -24,7 +24,9 @@ def test_reno_beats_best_of_n_at_equal_nfe(toy_generator, seed):
                              seed=seed, steps=4)
     # equal compute: forward + backward passes (a backward = one NFE); best-of-N gets 2x the samples of iterations
     assert bon.nfe == reno.nfe == 4 * 4 * (15 + 14) and bon.trajectory.shape[0] == 29
-    assert torch.equal(bon.trajectory[0], reno.trajectory[0])  # candidate 0 is ReNO's initial noise
+    # candidate 0 is ReNO's initial noise, scored through another batch layout and graph: equal up to fp32
+    # rounding (kernel choice depends on the batch and the machine), not bit for bit
+    torch.testing.assert_close(bon.trajectory[0], reno.trajectory[0], rtol=0, atol=1e-4)
     assert (reno.rewards > bon.rewards).all(), (reno.rewards, bon.rewards)
     assert reno.rewards.mean() > bon.rewards.mean() + 0.1 and reno.rewards.min() > 0.9
     # the best iterate (not the last) is returned

@@ -239,7 +239,8 @@ def test_zero_noise_strided_leaves_follow_their_grids():
 @pytest.mark.parametrize("name", list(plans()))
 @pytest.mark.parametrize("schedule", SCHEDULES, ids=lambda s: s.kind)
 def test_rescoring_is_on_policy(name, schedule):
-    """Re-scoring the stored transitions under the unchanged model: ratio exactly 1, in any batch size."""
+    """Re-scoring the stored transitions under the unchanged model: ratio 1 in any batch size (up to fp32
+    rounding: a matmul over another batch layout may pick another kernel)."""
     velocity = toy_velocity()
     rollout, _, _ = run(name, schedule=schedule, velocity=velocity)
     if rollout.num_transitions == 0:
@@ -247,7 +248,7 @@ def test_rescoring_is_on_policy(name, schedule):
     v = velocity(rollout.x, rollout.sigma, rollout.row)
     again = step(v, rollout.x, rollout.sigma, rollout.sigma_next, schedule=schedule, prev_sample=rollout.x_next,
                  noise_scale=rollout.scale)
-    assert torch.equal(torch.exp(again.logp - rollout.logp), torch.ones_like(rollout.logp))
+    torch.testing.assert_close(torch.exp(again.logp - rollout.logp), torch.ones_like(rollout.logp), rtol=0, atol=1e-5)
     chunked = torch.cat([step(velocity(rollout.x[i:i + 5], rollout.sigma[i:i + 5], rollout.row[i:i + 5]),
                               rollout.x[i:i + 5], rollout.sigma[i:i + 5], rollout.sigma_next[i:i + 5],
                               schedule=schedule, prev_sample=rollout.x_next[i:i + 5],
