@@ -101,8 +101,7 @@ def overhead(args) -> dict:
 
 
 def gain_per_nfe(args) -> dict:
-    import rewards
-
+    from flowalign import rewards
     out = {}
     bold = rewards.load("toy/bold_digit")  # every variant is judged on the same held-out reward
     for name, (config, extra) in VARIANTS.items():

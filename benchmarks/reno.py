@@ -26,9 +26,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.timing import time_side_by_side
-
 import flowalign
+from benchmarks.timing import time_side_by_side
 from flowalign.algorithms.reno import sample_with_grad
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -38,8 +37,7 @@ PROMPTS = ["a handwritten seven", "the digit 3", "a handwritten two", "a handwri
 
 
 def toy_timing(steps: int, iterations: int, repeats: int) -> dict:
-    import rewards
-
+    from flowalign import rewards
     gen = flowalign.load_generator("toy/digits", device="cpu")
     reward = rewards.load_weighted({"toy/bold_digit": 1.0})
     cond = gen.encode(PROMPTS)
@@ -96,7 +94,7 @@ def memory_child(path: str, size: int, steps: int, iterations: int, checkpointin
     import gc
 
     from flowalign.generators.sd3 import SD3Generator
-    from rewards.toy.attributes import InkReward
+    from flowalign.rewards.toy.attributes import InkReward
 
     torch.manual_seed(0)
     gen = SD3Generator.from_pretrained(path, device="cpu", height=size, width=size)

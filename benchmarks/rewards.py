@@ -17,8 +17,8 @@ from typing import Callable
 
 import torch
 
-import rewards
-from rewards.base import Reward
+from flowalign import rewards
+from flowalign.rewards.base import Reward
 
 from . import tiny_rewards
 

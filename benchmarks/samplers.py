@@ -15,12 +15,11 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.timing import time_side_by_side
-
 import flowalign
-from samplers.kernels import flow_grpo
-from samplers.rollout import run_plan
-from samplers.structures import branches, independent, singular, tree
+from benchmarks.timing import time_side_by_side
+from flowalign.samplers.kernels import flow_grpo
+from flowalign.samplers.rollout import run_plan
+from flowalign.samplers.structures import branches, independent, singular, tree
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

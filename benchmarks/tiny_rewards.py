@@ -17,8 +17,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-import rewards
-from rewards.base import Reward
+from flowalign import rewards
+from flowalign.rewards.base import Reward
 
 TESTS = Path(__file__).resolve().parents[1] / "tests"
 SIZE = 64  # the tiny vision towers' input size (patch 32: 2x2 patches)
@@ -110,9 +110,16 @@ def tiny_open_clip(folder: Path) -> Path:
 def tiny_clap(folder: Path) -> Path:
     """A random tiny ``ClapModel`` whose audio branch runs (window 2, 8 mel bins, patch stride 2), its feature
     extractor (1 s at 48 kHz) and a byte-level RoBERTa tokenizer, saved with ``save_pretrained``."""
-    from transformers import (ClapAudioConfig, ClapConfig, ClapFeatureExtractor, ClapModel, ClapProcessor,
-                              ClapTextConfig, RobertaTokenizer)
     from open_clip.tokenizer import bytes_to_unicode  # GPT-2's byte-level alphabet
+    from transformers import (
+        ClapAudioConfig,
+        ClapConfig,
+        ClapFeatureExtractor,
+        ClapModel,
+        ClapProcessor,
+        ClapTextConfig,
+        RobertaTokenizer,
+    )
 
     byte_chars = list(bytes_to_unicode().values())
     vocab = {t: i for i, t in enumerate(["<s>", "<pad>", "</s>", "<unk>", *byte_chars, "<mask>"])}

@@ -114,8 +114,7 @@ def _cmd_toy_build(args: argparse.Namespace) -> None:
 
 
 def _cmd_rewards_list(args: argparse.Namespace) -> None:
-    import rewards
-
+    from . import rewards
     for name in rewards.available():
         print(name)
 
@@ -288,9 +287,8 @@ def _with_config_defaults(parser: argparse.ArgumentParser, command: str, path: s
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rewards import RewardError
-
     from .errors import FlowalignError
+    from .rewards import RewardError
 
     parser = build_parser()
     args = parser.parse_args(argv)

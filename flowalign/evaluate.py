@@ -4,11 +4,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import rewards as reward_lib
-
+from . import rewards as reward_lib
 from .config import ConfigError, RunConfig
 from .generators import load_generator
 from .inference import generate, save_grid
+
 
 def eval_prompts(cfg: RunConfig) -> tuple[list[str], list[dict]]:
     """The prompt set of ``cfg.eval`` (explicit, file and toy prompts together), with per-prompt metadata."""

@@ -5,9 +5,8 @@ from pathlib import Path
 
 import torch
 
-from samplers import euler_ode
-
 from .generators.base import Generator
+from .samplers import euler_ode
 
 
 @torch.no_grad()

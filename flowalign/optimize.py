@@ -26,8 +26,7 @@ _BON_KEYS = {"n", "nfe_budget", "batch_size", "steps", "guidance", "negative_pro
 
 def resolve_reward(reward_or_weights):
     """A Reward as is; a name (``"toy/ink"``, ``"toy/ink:0.5"``); a list of such names; or ``{name: weight}``."""
-    import rewards
-
+    from . import rewards
     if isinstance(reward_or_weights, rewards.Reward):
         return reward_or_weights
     if isinstance(reward_or_weights, str):

@@ -11,8 +11,7 @@ import torch
 from torch import nn
 
 from .base import Reward
-from .loading import (clip_image_features, load_clip, load_errors, load_state_dict_file, resolve_file,
-                      square_spec)
+from .loading import clip_image_features, load_clip, load_errors, load_state_dict_file, resolve_file, square_spec
 
 MLP_FILE = "sac+logos+ava1-l14-linearMSE.pth"
 

@@ -7,14 +7,13 @@ An encoder is a reward name or object with ``embed_images`` (image) or ``embed_a
 from __future__ import annotations
 
 from pathlib import Path
-
 from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import LAYOUTS, InputSpec, Reward, SetReward, check_finite
+from .base import LAYOUTS, InputSpec, SetReward, check_finite
 
 EIG_FLOOR = 1e-12  # eigenvalues below this count as 0 (numerical noise; keeps sqrt/log gradients finite)
 

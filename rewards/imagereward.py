@@ -25,7 +25,6 @@ import re
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from .aesthetic import AestheticMLP
 from .base import Reward

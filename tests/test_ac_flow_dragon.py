@@ -8,7 +8,7 @@ DRAGON (paired, DPO) -> 0.886.
 import pytest
 import torch
 
-import rewards
+from flowalign import rewards
 from flowalign.algorithms import ac_flow, dragon
 from flowalign.config import ConfigError, load_config
 from flowalign.inference import generate

@@ -29,7 +29,7 @@ from flowalign.app.runs import find_checkpoints, find_runs, read_run
 from flowalign.config import ConfigError
 from flowalign.errors import FlowalignError
 from flowalign.inference import generate
-from rewards import RewardError
+from flowalign.rewards import RewardError
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
@@ -110,8 +110,7 @@ def test_config_defaults_and_one_line_errors(tmp_path):
 def test_compare_same_seeds_lora_and_scores(runs_root, cache):
     """Base samples are exactly ``generate`` on the same seeds; the LoRA changes them, scale 0 does not;
     each score is the reward's own score of that sample."""
-    import rewards
-
+    from flowalign import rewards
     limits = Limits()
     prompts = [PROMPT, "the digit 3"]
     result = run_compare(cache, limits, "toy/digits", [final_lora(runs_root)], "\n".join(prompts), seed=3,
@@ -246,11 +245,11 @@ class _StubGenerator:
 @pytest.mark.parametrize("modality", ["video", "audio"])
 def test_video_and_audio_reach_players(modality, monkeypatch, tmp_path):
     """The Compare handler shows video in gr.Video (MP4) and audio in gr.Audio (WAV), with scores."""
-    import rewards
-    import rewards.registry as registry
+    import flowalign.rewards.registry as registry
+    from flowalign import rewards
     from flowalign.app import ui
-    from rewards.base import InputSpec
     from flowalign.app.models import LoadedModel
+    from flowalign.rewards.base import InputSpec
 
     class Mean(rewards.Reward):
         differentiable = True

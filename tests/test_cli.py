@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 import flowalign
-import rewards
+from flowalign import rewards
 from flowalign.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]

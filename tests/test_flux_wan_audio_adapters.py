@@ -9,7 +9,7 @@ import torch
 from diffusers import FluxPipeline, StableAudioPipeline, UniPCMultistepScheduler, WanPipeline
 from tiny_pipelines_video_audio import build_tiny_flux, build_tiny_stable_audio, build_tiny_wan
 
-import rewards
+from flowalign import rewards
 from flowalign.config import load_config
 from flowalign.errors import FlowalignError
 from flowalign.generators import load_generator

@@ -26,7 +26,7 @@ def first_ratios(tr) -> torch.Tensor:
     idx = torch.arange(min(tr.t.train_batch, rollout.num_transitions))
     with torch.no_grad():
         v = tr._velocity(rollout, idx)
-    from samplers.kernels import step
+    from flowalign.samplers.kernels import step
 
     new = step(v, rollout.x[idx], rollout.sigma[idx], rollout.sigma_next[idx], schedule=tr.schedule,
                prev_sample=rollout.x_next[idx], noise_scale=rollout.scale[idx]).logp
@@ -69,8 +69,7 @@ def test_checkpoints_are_atomic_and_limited(tmp_path):
 
 
 def test_reward_failure_policies(tmp_path, monkeypatch):
-    import rewards
-
+    from flowalign import rewards
     def broken(self, media, prompts=None, metadata=None):
         raise rewards.RewardError("reward toy/bold_digit: non-finite score nan for sample 3")
 
@@ -179,7 +178,7 @@ def test_tensorboard_scalars_and_samples(tmp_path):
 def test_grpo_guard_ratio_is_one_on_policy_and_trains(tmp_path):
     """GRPO-Guard: with the policy unchanged the normalised ratio is exactly 1 (b = 0, logp = logp_old)."""
     from flowalign.algorithms.grpo.loss import guard_log_ratio
-    from samplers.kernels import step
+    from flowalign.samplers.kernels import step
 
     tr = trainer(tmp_path, "train.ratio_norm=true", "train.shuffle=false")
     rollout, prompts, meta, _, leaf_ids = tr.rollout(0)

@@ -5,8 +5,8 @@ import torch
 from flowalign.algorithms.grpo.layer_tuning import best_path_weights, velocity_targets
 from flowalign.algorithms.grpo.recipes import flash_split, sde_and_train_steps
 from flowalign.config import ConfigError, load_config
+from flowalign.samplers.kernels import flow_grpo, step_mean
 from flowalign.training.grpo_trainer import GRPOTrainer
-from samplers.kernels import flow_grpo, step_mean
 
 TREE = ["train.prompts_per_iteration=2", "train.steps=8", "train.eval_prompts=0", "train.checkpoint_every=0"]
 

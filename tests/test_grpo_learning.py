@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import flowalign
-import rewards
+from flowalign import rewards
 from flowalign.training.report import EVAL_SEED, heldout_prompts
 from flowalign.training.run import train
 

@@ -10,8 +10,8 @@ import flowalign
 from flowalign.algorithms.reno import chi_norm_nll
 from flowalign.cli import main
 from flowalign.optimize import optimize_iter
-from rewards import Reward
-from rewards.base import InputSpec
+from flowalign.rewards import Reward
+from flowalign.rewards.base import InputSpec
 
 PROMPTS = ["a handwritten seven", "the digit 3", "a handwritten two", "a handwritten five"]
 FAST = dict(steps=4, keep_images=False)

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from sd3_tiny import clip_tokenizer_offline
 from torch import nn
 
-import rewards
+from flowalign import rewards
 
 PROMPTS = ["a photo of a cat", "a dog", "an astronaut riding a horse"]
 NAMES = ["clipscore-hf", "pickscore", "hpsv2", "hpsv2.1", "aesthetic", "imagereward"]
@@ -186,7 +186,7 @@ def test_gradient_reaches_the_pixels(loaded, name):
 
 
 def test_clip_scores_follow_their_formulas(loaded, clip_dir):
-    from rewards.loading import clip_image_features, clip_text_features
+    from flowalign.rewards.loading import clip_image_features, clip_text_features
 
     clip, pick = loaded["clipscore-hf"], loaded["pickscore"]
     with torch.no_grad():
@@ -224,7 +224,7 @@ def test_hps_checkpoint_matches_vit_h_14(hps_dir):
 
 
 def test_hps_resize_max_pad_keeps_aspect():
-    from rewards.hps import resize_max_pad
+    from flowalign.rewards.hps import resize_max_pad
 
     wide = torch.ones(1, 3, 20, 40)
     out = resize_max_pad(wide, 64)
@@ -324,7 +324,7 @@ def _reference_imagereward(sd, pixels, ids, mask, vit_heads, bert_heads):
 
 def test_imagereward_port_matches_a_reference_on_the_original_names(loaded, imagereward_dir):
     """The key map keeps each weight's meaning: the port equals BLIP's forward computed on ImageReward.pt itself."""
-    from rewards.preprocess import clip_preprocess
+    from flowalign.rewards.preprocess import clip_preprocess
 
     sd = torch.load(imagereward_dir / "ImageReward.pt", weights_only=True)
     reward = loaded["imagereward"]

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-import rewards
-from rewards import PairwiseReward, Reward, RewardError
+from flowalign import rewards
+from flowalign.rewards import PairwiseReward, Reward, RewardError
 
 
 class Mean(Reward):

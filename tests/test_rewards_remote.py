@@ -17,8 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
-import rewards
-from rewards.remote import HTTPReward, VLMJudge, parse_verdict
+from flowalign import rewards
+from flowalign.rewards.remote import HTTPReward, VLMJudge, parse_verdict
 
 SLOW = 0.6  # seconds a "slow" answer takes: longer than every client timeout below
 

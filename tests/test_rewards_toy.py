@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import rewards
+from flowalign import rewards
 from flowalign.toy.data import load_digits
 from flowalign.toy.prompts import caption
 
@@ -79,7 +79,7 @@ def test_tiny_clip_ranks_the_matching_caption_first(held_out):
 
 
 def test_clipscore_loads_an_open_clip_folder_by_path(held_out):
-    from rewards.toy import WEIGHTS
+    from flowalign.rewards.toy import WEIGHTS
 
     by_path = rewards.load("clipscore", model=str(WEIGHTS / "clip"))
     images, labels = held_out
@@ -110,7 +110,7 @@ def test_entry_point_plugin(tmp_path, monkeypatch):
     """A third-party package registers a reward through the `flowalign.rewards` entry-point group."""
     (tmp_path / "my_reward.py").write_text(textwrap.dedent("""
         import torch
-        from rewards import Reward
+        from flowalign.rewards import Reward
 
         class Brightness(Reward):
             differentiable = True
@@ -129,9 +129,9 @@ def test_entry_point_plugin(tmp_path, monkeypatch):
 
 
 def test_toy_preference_judges_pairs_like_its_hidden_utility():
+    from flowalign.rewards.toy import WEIGHTS
+    from flowalign.rewards.toy.preference import PreferenceNet, ToyPreference
     from flowalign.toy.train_preference import pairwise_accuracy
-    from rewards.toy.preference import PreferenceNet, ToyPreference
-    from rewards.toy import WEIGHTS
 
     images, _ = load_digits("test")
     accuracy = pairwise_accuracy(PreferenceNet.from_pretrained(WEIGHTS / "preference"), images,

@@ -7,11 +7,11 @@ import pytest
 import scipy.linalg
 import torch
 
-import rewards
+from flowalign import rewards
+from flowalign.rewards.distributional import frechet_distance, gaussian_stats, vendi_score
+from flowalign.rewards.video import attenuation_weights, segment_bounds
 from flowalign.toy.data import load_digits
 from flowalign.toy.prompts import caption
-from rewards.distributional import frechet_distance, gaussian_stats, vendi_score
-from rewards.video import attenuation_weights, segment_bounds
 
 
 @pytest.fixture(scope="module")
@@ -96,8 +96,15 @@ def tiny_clap(tmp_path_factory):
     """A tiny ClapModel (AudioLDM2's test sizes), its feature extractor and a byte-level RoBERTa tokenizer,
     saved with save_pretrained. ``patch_stride=2`` keeps the second Swin stage at 2x2, which window_size 2 needs
     (at the default stride 4 the second stage is 1x1 and transformers 5 fails on the window's position bias)."""
-    from transformers import (ClapAudioConfig, ClapConfig, ClapFeatureExtractor, ClapModel, ClapProcessor,
-                              ClapTextConfig, RobertaTokenizer)
+    from transformers import (
+        ClapAudioConfig,
+        ClapConfig,
+        ClapFeatureExtractor,
+        ClapModel,
+        ClapProcessor,
+        ClapTextConfig,
+        RobertaTokenizer,
+    )
 
     path = tmp_path_factory.mktemp("tiny_clap")
     vocab = {t: i for i, t in enumerate(["<s>", "<pad>", "</s>", "<unk>", *_byte_chars(), "<mask>"])}
@@ -145,7 +152,7 @@ def test_clap_resamples_and_scores_against_a_reference(tiny_clap):
 def test_clap_log_mel_matches_the_numpy_extractor(tiny_clap, truncation):
     from transformers import ClapFeatureExtractor
 
-    from rewards.clap import ClapLogMel
+    from flowalign.rewards.clap import ClapLogMel
 
     extractor = ClapFeatureExtractor.from_pretrained(tiny_clap[0], truncation=truncation)
     torch.manual_seed(3)

@@ -4,13 +4,12 @@ import math
 import pytest
 import torch
 
-from samplers import kernels
-from samplers.kernels import NoiseSchedule, cps, dance, ddim, flow_grpo, kl_to_reference, step, zero
-from samplers.ode import euler_ode
-from samplers.rollout import run_plan
-from samplers.structures import branches, independent, linear_depth_noise, singular, tree
-from samplers.timegrid import from_scheduler_config, shifted_linspace
-from samplers.windows import WindowSchedule
+from flowalign.samplers.kernels import cps, dance, ddim, flow_grpo, kl_to_reference, step, zero
+from flowalign.samplers.ode import euler_ode
+from flowalign.samplers.rollout import run_plan
+from flowalign.samplers.structures import branches, independent, linear_depth_noise, singular, tree
+from flowalign.samplers.timegrid import from_scheduler_config, shifted_linspace
+from flowalign.samplers.windows import WindowSchedule
 
 SCHEDULES = [flow_grpo(0.7), dance(0.3), cps(0.8), ddim(1.0)]
 
@@ -107,9 +106,9 @@ def test_kl_denominators():
 # ---------------------------------------------------------------- time grids and windows
 
 def test_time_grids_match_diffusers_pipelines():
+    import numpy as np
     from diffusers import FlowMatchEulerDiscreteScheduler
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
-    import numpy as np
 
     sd3 = FlowMatchEulerDiscreteScheduler(shift=3.0)
     grid = from_scheduler_config(sd3.config, 10)
@@ -340,7 +339,7 @@ def test_dpm_solver_pp_matches_diffusers_on_its_flow_grid():
     flow_prediction, lower-order final step) on the scheduler's own grid; order 2 beats Euler on few steps."""
     from diffusers import DPMSolverMultistepScheduler
 
-    from samplers.ode import dpm_solver_pp, euler_ode
+    from flowalign.samplers.ode import dpm_solver_pp, euler_ode
 
     torch.manual_seed(0)
     weight = torch.randn(6, 6) * 0.3

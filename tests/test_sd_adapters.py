@@ -13,11 +13,16 @@ from tiny_pipelines import build_tiny_sd, build_tiny_sdxl
 import flowalign
 from flowalign.config import load_config
 from flowalign.errors import FlowalignError
-from flowalign.generators.sd import (StableDiffusionGenerator, continuous_timesteps, flow_sigmas, flow_velocity,
-                                     vp_coefficients)
+from flowalign.generators.sd import (
+    StableDiffusionGenerator,
+    continuous_timesteps,
+    flow_sigmas,
+    flow_velocity,
+    vp_coefficients,
+)
 from flowalign.generators.sdxl import StableDiffusionXLGenerator
+from flowalign.samplers.kernels import ddim, step
 from flowalign.training.grpo_trainer import GRPOTrainer
-from samplers.kernels import ddim, step
 
 PROMPTS = ["a photo of a cat", "a red apple"]
 STEPS, GUIDANCE = 4, 5.0

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import flowalign
-import rewards
+from flowalign import rewards
 from flowalign.toy.prompts import sample_prompts
 
 

@@ -6,13 +6,13 @@ import pytest
 import torch
 
 import flowalign
-import rewards
+from flowalign import rewards
 from flowalign.cli import main
 from flowalign.generators.toy_music import SHIPPED, ToyMusicGenerator
+from flowalign.rewards.errors import RewardError
+from flowalign.rewards.toy.melody import LENGTH, SAMPLE_RATE, Melody, piano_roll, render
+from flowalign.rewards.toy.music_exemplars import exemplar_set
 from flowalign.toy.music_prompts import HELD_OUT_TEMPLATES, caption, sample_prompts
-from rewards.errors import RewardError
-from rewards.toy.melody import LENGTH, SAMPLE_RATE, Melody, piano_roll, render
-from rewards.toy.music_exemplars import exemplar_set
 
 # Measured on the shipped weights (these 40 prompts, 20 steps, CFG 3, seed 0): pitch accuracy 0.997, key 0.962,
 # exact tempo 0.90; on 200 prompts see README (`python -m flowalign.toy.music_flow`). The bars sit below.

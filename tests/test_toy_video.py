@@ -5,10 +5,10 @@ import torch
 from PIL import Image
 
 import flowalign
-import rewards
+from flowalign import rewards
+from flowalign.rewards.toy.motion import ink_centroids
 from flowalign.toy.video_data import DIRECTIONS, FRAMES, load_moving_digits
 from flowalign.toy.video_prompts import HELD_OUT_TEMPLATES, caption, parse_direction, sample_prompts
-from rewards.toy.motion import ink_centroids
 
 
 @pytest.fixture(scope="module")

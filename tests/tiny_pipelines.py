@@ -4,8 +4,15 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler, StableDiffusionPipeline,
-                       StableDiffusionXLPipeline, UNet2DConditionModel)
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from sd3_tiny import CLIP_VOCAB_SIZE, _seeded, clip_tokenizer_offline
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 

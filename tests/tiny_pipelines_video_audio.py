@@ -6,9 +6,19 @@ import tempfile
 from pathlib import Path
 
 import torch
-from diffusers import (AutoencoderKL, AutoencoderKLWan, AutoencoderOobleck, CosineDPMSolverMultistepScheduler,
-                       FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel, StableAudioDiTModel,
-                       StableAudioPipeline, WanPipeline, WanTransformer3DModel)
+from diffusers import (
+    AutoencoderKL,
+    AutoencoderKLWan,
+    AutoencoderOobleck,
+    CosineDPMSolverMultistepScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    StableAudioDiTModel,
+    StableAudioPipeline,
+    WanPipeline,
+    WanTransformer3DModel,
+)
 from diffusers.pipelines.stable_audio import StableAudioProjectionModel
 from sd3_tiny import clip_tokenizer_offline, t5_tokenizer_offline
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel

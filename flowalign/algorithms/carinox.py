@@ -22,8 +22,18 @@ import torch
 
 from ..errors import FlowalignError
 from ..generators.base import Generator
-from .reno import (NoiseRun, OptimizeResult, Progress, ReNOConfig, finish_render, render, reward_parts,
-                   run_noise_optimization, score_selection, tile)
+from .reno import (
+    NoiseRun,
+    OptimizeResult,
+    Progress,
+    ReNOConfig,
+    finish_render,
+    render,
+    reward_parts,
+    run_noise_optimization,
+    score_selection,
+    tile,
+)
 
 CARINOX_SEEDS = [0, 94, 58, 45, 15]
 #: CARINOX's reward weights w_i (final code), in this toolkit's names (VQAScore and DA-score are plug-ins).

@@ -274,7 +274,7 @@ def _state(run: NoiseRun, it: int, total: int) -> IterationState:
 @torch.no_grad()
 def render(gen: Generator, noise: torch.Tensor, cond: Conditioning, steps: int, guidance: float) -> torch.Tensor:
     """Decoded ODE samples from ``noise`` (no graph)."""
-    from samplers import euler_ode
+    from ..samplers import euler_ode
 
     sigmas = gen.sigmas(steps)
     x = euler_ode(lambda x, s: gen.velocity(x, s, cond, guidance), gen.initial_state(noise, sigmas[0]), sigmas)

@@ -30,7 +30,8 @@ def load_generator(name_or_path: str = "toy/digits", dtype: str | torch.dtype = 
     ``options`` go to a pipeline adapter's constructor (``height``, ``num_frames``, ``train_expert``, ...)."""
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     if name_or_path == "toy/video" or _toy_transformer(name_or_path) == "WanTransformer3DModel":
-        from .toy_video import SHIPPED as VIDEO_WEIGHTS, ToyVideoGenerator
+        from .toy_video import SHIPPED as VIDEO_WEIGHTS
+        from .toy_video import ToyVideoGenerator
 
         if set(options) - {"num_frames", "size"}:
             raise FlowalignError(f"model '{name_or_path}': unknown option '{sorted(set(options) - {'num_frames', 'size'})[0]}' "
@@ -38,7 +39,8 @@ def load_generator(name_or_path: str = "toy/digits", dtype: str | torch.dtype = 
         return ToyVideoGenerator.from_pretrained(VIDEO_WEIGHTS if name_or_path == "toy/video" else name_or_path,
                                                  device=device, dtype=dtype, **options)
     if name_or_path == "toy/music" or (Path(name_or_path) / "toy_music.json").is_file():  # the music build's marker
-        from .toy_music import SHIPPED as MUSIC_WEIGHTS, ToyMusicGenerator
+        from .toy_music import SHIPPED as MUSIC_WEIGHTS
+        from .toy_music import ToyMusicGenerator
 
         if options:
             raise FlowalignError(f"model '{name_or_path}': the toy music model takes no options, got {sorted(options)}")

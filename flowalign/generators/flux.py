@@ -12,14 +12,12 @@ Guidance: FLUX.1-dev is guidance-distilled: the guidance scale is an *input* of 
 """
 from __future__ import annotations
 
-
 import torch
 from diffusers import FluxPipeline
 from torch import nn
 
-from samplers.timegrid import from_scheduler_config
-
 from ..errors import FlowalignError
+from ..samplers.timegrid import from_scheduler_config
 from .base import Conditioning
 from .pipeline import PipelineGenerator
 

@@ -10,7 +10,6 @@ the scheduler's timesteps; exact on them), turns its output into x̂0 and ε̂ a
 """
 from __future__ import annotations
 
-
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from torch import nn

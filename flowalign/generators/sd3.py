@@ -1,13 +1,11 @@
 """Stable Diffusion 3 / 3.5 behind the Generator interface, wrapping a diffusers ``StableDiffusion3Pipeline``."""
 from __future__ import annotations
 
-
 import torch
 from diffusers import StableDiffusion3Pipeline
 from torch import nn
 
-from samplers.timegrid import from_scheduler_config
-
+from ..samplers.timegrid import from_scheduler_config
 from .base import Conditioning
 from .pipeline import PipelineGenerator
 

@@ -7,9 +7,8 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 from torch import nn
 
-from samplers.timegrid import from_scheduler_config
-
 from ..errors import FlowalignError
+from ..samplers.timegrid import from_scheduler_config
 from ..toy.text_encoder import ToyTextEncoder
 from .base import Conditioning, Generator
 from .loading import default_device

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import torch
 
-from rewards.toy.melody import FRAMES, PITCHES, SAMPLE_RATE, render
-
+from ..rewards.toy.melody import FRAMES, PITCHES, SAMPLE_RATE, render
 from .toy_digits import ToyDigitsGenerator
 
 SHIPPED = Path(__file__).resolve().parent.parent / "toy" / "weights" / "music"

@@ -7,8 +7,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
 from torch import nn
 
-from samplers.timegrid import from_scheduler_config
-
+from ..samplers.timegrid import from_scheduler_config
 from ..toy.text_encoder import ToyTextEncoder
 from .base import Conditioning, Generator
 from .loading import default_device

@@ -19,9 +19,8 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
 from torch import nn
 
-from samplers.timegrid import from_scheduler_config
-
 from ..errors import FlowalignError
+from ..samplers.timegrid import from_scheduler_config
 from .base import Conditioning
 from .pipeline import PipelineGenerator
 

@@ -5,11 +5,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from rewards.toy import WEIGHTS as REWARD_WEIGHTS
-
 from ..generators.toy_digits import SHIPPED as DIGITS_WEIGHTS
 from ..generators.toy_music import SHIPPED as MUSIC_WEIGHTS
 from ..generators.toy_video import SHIPPED as VIDEO_WEIGHTS
+from ..rewards.toy import WEIGHTS as REWARD_WEIGHTS
 
 
 def _replace(built: Path, target: Path) -> None:

@@ -11,8 +11,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from rewards.preprocess import CLIP_MEAN, CLIP_STD, clip_preprocess
-
+from ..rewards.preprocess import CLIP_MEAN, CLIP_STD, clip_preprocess
 from .data import augment, load_digits
 from .prompts import TEMPLATES, caption, random_caption
 

@@ -12,7 +12,7 @@ from diffusers.training_utils import EMAModel
 from tqdm import tqdm
 
 from .data import IMAGE_SIZE, augment, load_digits
-from .prompts import TEMPLATES, DIGIT_WORDS, caption, random_caption
+from .prompts import DIGIT_WORDS, TEMPLATES, caption, random_caption
 from .text_encoder import ToyTextEncoder, known_token_ids
 
 TEXT_WIDTH = 64

@@ -10,9 +10,21 @@ import random
 
 import torch
 
-from rewards.toy.melody import (FRAMES, KEYS, LENGTH, PATTERNS, PITCHES, SAMPLE_RATE, TEMPOS, Melody, note_sequence,
-                                parse_melody, piano_roll, random_melodies, render)
-
+from ..rewards.toy.melody import (
+    FRAMES,
+    KEYS,
+    LENGTH,
+    PATTERNS,
+    PITCHES,
+    SAMPLE_RATE,
+    TEMPOS,
+    Melody,
+    note_sequence,
+    parse_melody,
+    piano_roll,
+    random_melodies,
+    render,
+)
 from .music_prompts import random_caption
 
 __all__ = ["FRAMES", "KEYS", "LENGTH", "PATTERNS", "PITCHES", "SAMPLE_RATE", "TEMPOS", "Melody", "note_sequence",

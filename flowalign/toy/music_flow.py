@@ -22,9 +22,8 @@ from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 from diffusers.training_utils import EMAModel
 from tqdm import tqdm
 
-from rewards.toy.melody import FRAMES, LOWEST, PITCHES, SAMPLE_RATE
-
 from ..generators.toy_music import MARKER
+from ..rewards.toy.melody import FRAMES, LOWEST, PITCHES, SAMPLE_RATE
 from .music_data import training_batch
 from .music_prompts import HELD_OUT_TEMPLATES, TEMPLATES, all_captions, sample_prompts
 from .text_encoder import ToyTextEncoder, known_token_ids
@@ -101,8 +100,7 @@ def save_music_model(out_dir: str | Path, transformer: SD3Transformer2DModel, te
 @torch.no_grad()
 def score_music(audio: torch.Tensor, prompts: list[str]) -> dict[str, float]:
     """Mean toy music rewards of clips for their prompts, plus the share at exactly the prompted tempo."""
-    import rewards
-
+    from .. import rewards
     tempo = rewards.load("toy/tempo").score(audio, prompts)
     return {"pitch_accuracy": rewards.load("toy/pitch_accuracy").score(audio, prompts).mean().item(),
             "key": rewards.load("toy/key").score(audio, prompts).mean().item(),

@@ -5,7 +5,7 @@ import itertools
 import random
 import re
 
-from rewards.toy.melody import KEYS, PATTERNS, TEMPOS, Melody, parse_melody
+from ..rewards.toy.melody import KEYS, PATTERNS, TEMPOS, Melody, parse_melody
 
 __all__ = ["KEYS", "PATTERNS", "TEMPOS", "Melody", "parse_melody", "caption", "random_caption", "sample_prompts",
            "all_captions", "TEMPLATES", "HELD_OUT_TEMPLATES"]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import random
 
-from rewards.toy.digits import DIGIT_WORDS, parse_digit
+from ..rewards.toy.digits import DIGIT_WORDS, parse_digit
 
 __all__ = ["DIGIT_WORDS", "parse_digit", "caption", "random_caption", "sample_prompts"]
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rewards.toy.saved_model import SavedModel
+from ..rewards.toy.saved_model import SavedModel
 
 PAD, UNK = 0, 1
 EOT_ID = 49407  # open_clip's <end_of_text>, the largest id: its position is argmax(ids)

@@ -7,8 +7,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from rewards.toy.classifier import DigitClassifier
-
+from ..rewards.toy.classifier import DigitClassifier
 from .data import augment, load_digits
 
 

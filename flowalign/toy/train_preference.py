@@ -7,9 +7,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from rewards.toy.attributes import CenteredReward, InkReward
-from rewards.toy.preference import PreferenceNet
-
+from ..rewards.toy.attributes import CenteredReward, InkReward
+from ..rewards.toy.preference import PreferenceNet
 from .data import augment, load_digits
 
 

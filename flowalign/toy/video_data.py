@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from ..rewards.toy.motion import DIRECTIONS
 from .data import load_digits
-from rewards.toy.motion import DIRECTIONS
 
 FRAMES = 4
 FRAME_SIZE = 16

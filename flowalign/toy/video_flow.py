@@ -115,7 +115,7 @@ def measure_video_model(gen, n: int = 200, held_out: bool = False, steps: int | 
                         guidance: float | None = None, seed: int = EVAL_SEED) -> dict[str, float]:
     """The figures of a video generator on ``n`` balanced prompts: the share of frames the classifier reads as
     the prompted digit, motion direction accuracy, the mean motion reward and temporal consistency."""
-    import rewards
+    from .. import rewards
     from ..inference import generate
 
     prompts, meta = sample_prompts(n, seed=seed, templates=HELD_OUT_TEMPLATES if held_out else TEMPLATES)

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import random
 
-from rewards.toy.digits import DIGIT_WORDS
-from rewards.toy.motion import DIRECTIONS, parse_direction
+from ..rewards.toy.digits import DIGIT_WORDS
+from ..rewards.toy.motion import DIRECTIONS, parse_direction
 
 __all__ = ["DIRECTIONS", "parse_direction", "caption", "random_caption", "sample_prompts", "all_captions"]
 

@@ -12,11 +12,10 @@ import time
 
 import torch
 
-import rewards as reward_lib
-from samplers.ode import euler_ode
-
+from .. import rewards as reward_lib
 from ..algorithms import ac_flow, dragon
 from ..config import ConfigError, RunConfig
+from ..samplers.ode import euler_ode
 from .grpo_trainer import GRPOTrainer, _seed
 from .lora import adapters_disabled
 from .prompts import iteration_prompts, local_trajectories

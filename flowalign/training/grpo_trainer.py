@@ -15,20 +15,18 @@ from pathlib import Path
 import torch
 from accelerate.utils import DistributedType
 
-import rewards as reward_lib
-from samplers.kernels import kl_to_reference, step, step_mean
-from samplers.ode import dpm_solver_pp
-from samplers.rollout import Rollout, flatten_plan, run_plan
-
-from ..algorithms.grpo.advantages import (aggregated_advantages, group_advantages, node_advantages,
-                                          transition_advantages)
-from ..algorithms.grpo.loss import clipped_policy_loss, guard_log_ratio, reward_conditioned_clip
+from .. import rewards as reward_lib
+from ..algorithms.grpo.advantages import aggregated_advantages, group_advantages, node_advantages, transition_advantages
 from ..algorithms.grpo.layer_tuning import best_path_weights, layer_tuning_loss, velocity_targets
+from ..algorithms.grpo.loss import clipped_policy_loss, guard_log_ratio, reward_conditioned_clip
 from ..algorithms.grpo.recipes import STRUCTURED, flash_split, noise_schedule, rollout_plan, structured_plan
 from ..config import ConfigError, RunConfig
 from ..errors import FlowalignError
 from ..generators import load_generator
 from ..generators.memory import place_text_encoders
+from ..samplers.kernels import kl_to_reference, step, step_mean
+from ..samplers.ode import dpm_solver_pp
+from ..samplers.rollout import Rollout, flatten_plan, run_plan
 from . import checkpoint as ckpt
 from .lora import adapters_disabled, add_lora, load_trainable_state, save_lora_diffusers, trainable_state
 from .prompts import iteration_prompts, local_trajectories, read_prompt_file

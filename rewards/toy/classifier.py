@@ -8,8 +8,8 @@ from torch import nn
 
 from ..base import InputSpec, Reward
 from . import WEIGHTS
-from .saved_model import SavedModel
 from .digits import target_digits
+from .saved_model import SavedModel
 
 
 class DigitClassifier(SavedModel):

@@ -14,8 +14,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..base import InputSpec, Reward
-from .melody import (FRAMES, GAIN, LOWEST, SAMPLE_RATE, SAMPLES_PER_FRAME, TEMPOS, Melody,
-                     key_pitch_classes, midi_to_hz, note_sequence, note_spans, target_melodies)
+from .melody import (
+    FRAMES,
+    GAIN,
+    LOWEST,
+    SAMPLE_RATE,
+    SAMPLES_PER_FRAME,
+    TEMPOS,
+    Melody,
+    key_pitch_classes,
+    midi_to_hz,
+    note_sequence,
+    note_spans,
+    target_melodies,
+)
 
 LOW, HIGH = 45, 96  # MIDI range of the analysis
 HOP = SAMPLES_PER_FRAME // 2  # two analysis frames per grid frame

@@ -13,8 +13,8 @@ from torch import nn
 
 from ..base import InputSpec, PairwiseReward
 from . import WEIGHTS
-from .saved_model import SavedModel
 from .classifier import to_grey
+from .saved_model import SavedModel
 
 
 class PreferenceNet(SavedModel):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from samplers.kernels import NoiseSchedule, step_mean
+from ...samplers.kernels import NoiseSchedule, step_mean
 
 
 def best_path_weights(leaf_rewards: torch.Tensor, leaf_adv: torch.Tensor, leaf_group: torch.Tensor,

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import torch
 
-from samplers.kernels import NoiseSchedule, cps, dance, ddim, flow_grpo
-from samplers.rollout import Node
-from samplers.structures import branches, independent, linear_depth_noise, singular, tree
-from samplers.windows import WindowSchedule
-
 from ...config import GRPOConfig
+from ...samplers.kernels import NoiseSchedule, cps, dance, ddim, flow_grpo
+from ...samplers.rollout import Node
+from ...samplers.structures import branches, independent, linear_depth_noise, singular, tree
+from ...samplers.windows import WindowSchedule
 
 
 def noise_schedule(cfg: GRPOConfig) -> NoiseSchedule:

@@ -39,7 +39,7 @@ def one_line(err: BaseException) -> str:
 
 def page_error(err: BaseException) -> "gr.Error":
     """A user error as it is; anything else as a short sentence (its traceback goes to the server log)."""
-    from rewards import RewardError
+    from ..rewards import RewardError
 
     if isinstance(err, gr.Error):
         return err

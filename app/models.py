@@ -67,8 +67,7 @@ class ModelCache:
 
     def reward(self, name: str, device: torch.device | None = None):
         """The reward ``name`` from the registry (built-ins, toy rewards, plug-ins), frozen, on ``device``."""
-        import rewards
-
+        from .. import rewards
         key = f"{name}@{device}"
         with self._lock:
             if key not in self._rewards:
@@ -81,7 +80,7 @@ class ModelCache:
 
     def weighted(self, weights: dict[str, float], device: torch.device | None = None):
         """A weighted composite of cached rewards (a new composite per request: it keeps per-call state)."""
-        from rewards import CompositeReward
+        from ..rewards import CompositeReward
 
         if not weights:
             raise FlowalignError("rewards: choose at least one reward")
