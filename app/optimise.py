@@ -12,9 +12,8 @@ from typing import Iterator
 
 import torch
 
-from ..algorithms.reno import OptimizeResult, Progress
 from ..errors import FlowalignError
-from ..optimize import METHODS, optimize_iter
+from ..optimize import CARINOX_SEEDS, METHODS, OptimizeResult, Progress, optimize_iter
 from .limits import Limits, check_float, check_int, check_prompts
 from .models import ModelCache, check_lora_folder, load_adapters, using
 
@@ -84,8 +83,6 @@ def row_labels(method: str, seed: int, options: dict) -> list[str]:
     if method == "best-of-n":
         return ["candidate"]
     if method == "carinox":
-        from ..algorithms.carinox import CARINOX_SEEDS
-
         return [f"seed {seed + s}" for s in CARINOX_SEEDS[:options["k"]]]
     return [f"seed {seed}"]
 

@@ -1,6 +1,6 @@
 """Train (view): read a training run's output folder: its logged metrics and its sample grids.
 
-``flowalign train`` writes ``OUTPUT/`` with tensorboard event files (``grpo/events.out.tfevents.*``:
+``flowalign train`` writes ``OUTPUT/`` with tensorboard event files (``flowalign/events.out.tfevents.*``:
 ``reward/mean``, ``reward/std``, per-reward ``reward/NAME``, losses, timings; a ``samples`` image every
 checkpoint), ``report/`` (``before.png``, ``after.png``, ``reward_curve.png``, ``metrics.json`` with the
 history), ``checkpoints/`` and ``final/`` (the LoRA). Event files are read first; ``metrics.json``'s

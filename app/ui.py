@@ -90,7 +90,8 @@ class App:
     def check_offered(self, kind: str, value: str, offered: list[str]) -> None:
         """With ``allow_custom_paths: false`` only the listed models, checkpoints and runs may be named."""
         if value and not self.cfg.allow_custom_paths and value not in offered:
-            raise FlowalignError(f"{kind} '{value}': not offered by this app (its config sets allow_custom_paths: false)")
+            raise FlowalignError(f"{kind} '{value}': not offered by this app "
+                                 "(its config sets allow_custom_paths: false)")
 
     def request_dir(self) -> Path:
         """A new folder for one request's files; the oldest beyond ``KEEP_REQUESTS`` are removed."""
@@ -299,7 +300,8 @@ def build_app(cfg: AppConfig, cache: ModelCache | None = None) -> "gr.Blocks":
                                      allow_custom_value=custom, elem_id="optimise-checkpoint")
                 o_scale = gr.Slider(0.0, lim.max_lora_scale, value=1.0, step=0.05, label="LoRA scale")
                 o_method = gr.Radio(["reno", "carinox", "best-of-n"], value="reno", label="Method")
-            o_prompt = gr.Textbox(value=cfg.prompts[0] if cfg.prompts else "", label="Prompt", elem_id="optimise-prompt")
+            o_prompt = gr.Textbox(value=cfg.prompts[0] if cfg.prompts else "", label="Prompt",
+                                  elem_id="optimise-prompt")
             with gr.Row():
                 o_rewards = gr.CheckboxGroup(cfg.rewards, value=cfg.default_rewards, label="Rewards")
                 o_extra = gr.Textbox(label="More rewards (NAME[:WEIGHT], comma-separated)")

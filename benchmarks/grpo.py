@@ -17,36 +17,39 @@ from pathlib import Path
 import torch
 
 from flowalign.config import load_config
-from flowalign.training.fm_trainer import make_trainer
-from flowalign.training.grpo_trainer import GRPOTrainer
+from flowalign.training import make_trainer
 from flowalign.training.report import evaluate_policy, heldout_prompts
+from flowalign.training.trainer import Trainer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BOLD = ["reward.weights={toy/bold_digit: 1.0}", "reward.aggregate=reward"]  # the same task for every variant
 VARIANTS = {"Flow-GRPO": ("configs/toy/digits_flow_grpo.yaml", []),
             "Flow-GRPO-Fast": ("configs/toy/digits_flow_grpo_fast.yaml", []),
-            "Flow-GRPO + CPS": ("configs/toy/digits_flow_grpo.yaml", ["train.noise=cps", "train.noise_level=0.8"]),
+            "Flow-GRPO + CPS": ("configs/toy/digits_flow_grpo.yaml", ["modifiers.cps.noise_level=0.8"]),
             "DanceGRPO": ("configs/toy/digits_dance_grpo.yaml", []),
             "MixGRPO": ("configs/toy/digits_mix_grpo.yaml", BOLD),
             "MixGRPO-Flash": ("configs/toy/digits_mix_grpo_flash.yaml", BOLD),
             "GRPO-Guard": ("configs/toy/digits_grpo_guard.yaml", []),
-            "TempFlow-GRPO": ("configs/toy/digits_tempflow_grpo.yaml", ["train.group_size=4"]),
-            "G2RPO": ("configs/toy/digits_g2rpo.yaml", ["train.group_size=4"]),
+            "TempFlow-GRPO": ("configs/toy/digits_tempflow_grpo.yaml", ["tempflow_grpo.group_size=4"]),
+            "G2RPO": ("configs/toy/digits_g2rpo.yaml", ["g2rpo.group_size=4"]),
             "Dynamic-TreeRPO": ("configs/toy/digits_tree_grpo.yaml", []),
             "Pref-GRPO (judge)": ("configs/toy/digits_pref_grpo.yaml", []),
             "AC-Flow": ("configs/toy/digits_ac_flow.yaml", []),
             "ORW-CFM-W2": ("configs/toy/digits_orw_cfm_w2.yaml", []),
-            "DRAGON (DPO)": ("configs/toy/digits_dragon.yaml", ["train.group_size=2", "train.prompts_per_iteration=16"])}
+            "DRAGON (DPO)": ("configs/toy/digits_dragon.yaml",
+                             ["dragon.group_size=2", "train.prompts_per_iteration=16"])}
 
 
-def make(config: str, extra: list[str], args, out: str) -> GRPOTrainer:
-    overrides = [f"train.prompts_per_iteration={args.prompts}", f"train.group_size={args.group}",
+def make(config: str, extra: list[str], args, out: str) -> Trainer:
+    plain = load_config(config)
+    group = [f"{plain.method}.group_size={args.group}"] if hasattr(plain.options, "group_size") else []
+    overrides = [f"train.prompts_per_iteration={args.prompts}", *group,
                  f"train.steps={args.steps}", "train.checkpoint_every=0", "train.eval_prompts=0",
                  f"train.iterations={args.iterations}", f"output_dir={out}", *extra]  # extra overrides last
     return make_trainer(load_config(config, overrides))
 
 
-def pure_passes(tr: GRPOTrainer, iteration: int):
+def pure_passes(tr: Trainer, iteration: int):
     """A function replaying the model passes of one iteration without the toolkit around them."""
     calls = []
     gen = tr.gen
@@ -58,10 +61,10 @@ def pure_passes(tr: GRPOTrainer, iteration: int):
 
     gen.velocity = record
     try:
-        rollout, prompts, meta, _, _ = tr.rollout(iteration)
+        batch = tr.rollout(iteration)
     finally:
         gen.velocity = original
-    cond = tr._cond
+    rollout, prompts, meta, cond = batch.rollout, batch.prompts, batch.metadata, batch.cond
     media = gen.decode(rollout.leaves)
     rows = rollout.leaf_row.tolist()
     n, bs = rollout.num_transitions, tr.t.train_batch
@@ -86,7 +89,7 @@ def overhead(args) -> dict:
     splits = []
 
     def iteration():
-        splits.append(tr.run_iteration(0))
+        splits.append(tr.run_iteration(0)[0])
 
     iteration(), replay()  # warm-up
     t_iter, t_pure = [], []
@@ -129,9 +132,11 @@ def main(argv: list[str] | None = None) -> dict:
     ov = overhead(args)
     gains = gain_per_nfe(args)
     s = ov["split"]
-    print(f"toy digits, {args.prompts} groups x {args.group}, {args.steps} steps, CFG 3, CPU {torch.get_num_threads()} threads")
+    print(f"toy digits, {args.prompts} groups x {args.group}, {args.steps} steps, CFG 3, "
+          f"CPU {torch.get_num_threads()} threads")
     print(f"one iteration: sampling {s['time/sampling']:.2f}s, reward {s['time/reward']:.2f}s, "
-          f"training {s['time/training']:.2f}s; total {ov['iteration_s']:.2f}s vs pure model passes {ov['pure_s']:.2f}s")
+          f"training {s['time/training']:.2f}s; total {ov['iteration_s']:.2f}s "
+          f"vs pure model passes {ov['pure_s']:.2f}s")
     print(f"{'variant':<20}{'before':>9}{'after':>9}{'rollout NFE':>13}{'gain/1k NFE':>13}{'s/iter':>9}")
     for name, g in gains.items():
         print(f"{name:<20}{g['before']:>9.4f}{g['after']:>9.4f}{g['nfe']:>13.0f}{g['gain_per_1k_nfe']:>13.5f}"

@@ -125,7 +125,8 @@ def sd3_memory(size: int, steps: int, iterations: int) -> dict:
                     f"{steps}, {iterations}, {ckpt})")
             proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                                   cwd=Path(__file__).resolve().parents[1])
-            out[{None: "no_grad_sample", False: "plain", True: "checkpointing"}[ckpt]] = json.loads(proc.stdout.strip().splitlines()[-1])
+            out[{None: "no_grad_sample", False: "plain",
+                 True: "checkpointing"}[ckpt]] = json.loads(proc.stdout.strip().splitlines()[-1])
     return out
 
 
@@ -142,13 +143,15 @@ def main(argv: list[str] | None = None) -> dict:
     memory = sd3_memory(args.sd3_size, args.sd3_steps, args.sd3_iterations)
     plain, ckpt = memory["plain"], memory["checkpointing"]
     saving = plain["peak_growth_mib"] / max(ckpt["peak_growth_mib"], 1e-9)
-    print(f"CPU {torch.get_num_threads()} threads; toy digits: {len(PROMPTS)} prompts, {args.steps} steps, CFG batched, "
+    print(f"CPU {torch.get_num_threads()} threads; toy digits: {len(PROMPTS)} prompts, "
+          f"{args.steps} steps, CFG batched, "
           f"{args.iterations} iterations x {args.repeats} repeats (median)")
     print(f"{'measure':<58}{'value':>14}")
     print(f"{'toy: ReNO s/iteration (full loop)':<58}{timing['reno_s_per_iter'] * 1e3:>11.2f} ms")
     print(f"{'toy: pure forward+backward s/iteration':<58}{timing['pure_s_per_iter'] * 1e3:>11.2f} ms")
     lat = "x".join(map(str, plain["latent"]))
-    print(f"{f'tiny SD3 {lat}, {args.sd3_steps} steps: peak RSS growth, plain':<58}{plain['peak_growth_mib']:>10.1f} MiB")
+    print(f"{f'tiny SD3 {lat}, {args.sd3_steps} steps: peak RSS growth, plain':<58}"
+          f"{plain['peak_growth_mib']:>10.1f} MiB")
     print(f"{f'tiny SD3 {lat}: peak RSS growth, gradient checkpointing':<58}{ckpt['peak_growth_mib']:>10.1f} MiB")
     print(f"{f'tiny SD3 {lat}: peak RSS growth, no-grad sample (ref.)':<58}"
           f"{memory['no_grad_sample']['peak_growth_mib']:>10.1f} MiB")
@@ -157,7 +160,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"headline: ReNO time per iteration / pure forward+backward = {timing['ratio']:.3f}x (target <= 1.15x)")
     RESULTS.mkdir(exist_ok=True)
     out = {"args": vars(args), "toy_timing": timing, "sd3_memory": memory, "memory_ratio": saving,
-           "memory_measure": "peak RSS growth (/proc/self/statm sampled every 1 ms) over the post-load RSS, fresh subprocess each",
+           "memory_measure": ("peak RSS growth (/proc/self/statm sampled every 1 ms) over the post-load RSS, "
+                              "fresh subprocess each"),
            "headline_ratio": timing["ratio"]}
     (RESULTS / "reno.json").write_text(json.dumps(out, indent=2))
     return out

@@ -13,4 +13,5 @@ def train(config=None, overrides=(), resume=None, **kw):
 
 
 __version__ = "0.1.0"
-__all__ = ["Conditioning", "FlowalignError", "Generator", "generate", "load_generator", "optimize", "optimize_iter", "train"]
+__all__ = ["Conditioning", "FlowalignError", "Generator", "generate", "load_generator", "optimize", "optimize_iter",
+           "train"]

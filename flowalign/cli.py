@@ -1,4 +1,5 @@
-"""The ``flowalign`` command: train | embed-prompts | generate | evaluate | optimize | toy build | rewards list | app.
+"""The ``flowalign`` command: train | embed-prompts | generate | evaluate | optimize | methods | toy build |
+rewards list | app. Configs are sectioned YAML plus ``key=value`` overrides; flags may come in any order.
 
 Errors a user can fix (bad config, missing file, unknown reward) print one line and exit with status 2.
 """
@@ -10,11 +11,14 @@ from pathlib import Path
 
 
 def _config_and_overrides(args: argparse.Namespace) -> tuple[str | None, list[str]]:
-    """The config file and the key=value overrides (the first positional may already be an override)."""
-    config, overrides = args.config, list(args.overrides)
-    if config is not None and "=" in config:  # no config file, only overrides
-        config, overrides = None, [config, *overrides]
-    return config, overrides
+    """The config file and the key=value overrides, in whatever order they were given."""
+    from .config import ConfigError
+
+    given = ([args.config] if args.config is not None else []) + list(args.overrides)
+    files = [item for item in given if "=" not in item]
+    if len(files) > 1:
+        raise ConfigError(f"expected one config file and key=value overrides, got '{files[0]}' and '{files[1]}'")
+    return (files[0] if files else None), [item for item in given if "=" in item]
 
 
 def _cli_prompts(args: argparse.Namespace, command: str) -> list[str]:
@@ -80,9 +84,8 @@ def _cmd_train(args: argparse.Namespace) -> None:
 def _cmd_embed_prompts(args: argparse.Namespace) -> None:
     """Encode a run's prompts (its prompt file and negative prompt) once and save them for train.prompt_embeds."""
     from .config import ConfigError, load_config
-    from .generators import load_generator
-    from .generators.prompt_cache import PromptCache
-    from .training.prompts import read_prompt_file
+    from .generators import PromptCache, load_generator
+    from .training import read_prompt_file
 
     cfg = load_config(*_config_and_overrides(args))
     source = args.prompt_file or cfg.train.prompt_file
@@ -130,28 +133,28 @@ def _cmd_app(args: argparse.Namespace) -> None:
 
 
 def _cmd_optimize(args: argparse.Namespace) -> None:
+    """Optimise one image per prompt at inference time; the config is ``flowalign.optimize_config``'s."""
     from tqdm import tqdm
 
+    from . import rewards
     from .config import ConfigError
     from .generators import load_generator
     from .optimize import optimize_iter, save_outputs
+    from .optimize_config import load_optimize_config
 
-    prompts = _cli_prompts(args, "optimize")
-    for name, value in (("--steps", args.steps), ("--iterations", args.iterations), ("--render-steps", args.render_steps),
-                        ("--k", args.k), ("--n", args.n)):
-        if value is not None and value < 1:
-            raise ConfigError(f"{name}: expected an integer >= 1, got {value}")
-    generator = load_generator(args.model, args.dtype, local_files_only=args.local_files_only)
-    if args.method == "best-of-n":
-        options = {"n": args.n or args.iterations, "steps": args.steps, "guidance": args.guidance}
-    else:
-        options = {"iterations": args.iterations, "lr": args.lr, "optimizer": args.optimizer, "steps": args.steps,
-                   "render_steps": args.render_steps, "guidance": args.guidance, "reg_weight": args.reg_weight,
-                   "grad_clip": args.grad_clip, "checkpointing": args.checkpointing, "truncate": args.truncate}
-        if args.method == "carinox":
-            options["k"] = args.k
+    config, overrides = _config_and_overrides(args)
+    flags = [f"prompts={[*args.prompt]}"] if args.prompt else []
+    flags += [f"prompt_file={args.prompt_file}"] if args.prompt_file else []
+    flags += [f"out={args.out}"] if args.out else []
+    cfg = load_optimize_config(config, [*overrides, *flags])
+    prompts = cfg.all_prompts()
+    if not prompts:
+        raise ConfigError("optimize: give at least one prompt (--prompt, --prompt-file, or prompts: in the config)")
+    reward = rewards.load_weighted(cfg.reward.weights, **cfg.reward.options)
+    generator = load_generator(cfg.model.name, cfg.model.dtype, local_files_only=cfg.model.local_files_only,
+                               **cfg.model.options)
     bar, last = None, None
-    for last in optimize_iter(generator, prompts, args.reward or ["toy/bold_digit"], args.method, args.seed, **options):
+    for last in optimize_iter(generator, prompts, reward, cfg.method, cfg.seed, **cfg.method_options()):
         if last.result is None:
             if bar is None or bar.desc != last.stage:
                 if bar is not None:
@@ -162,15 +165,29 @@ def _cmd_optimize(args: argparse.Namespace) -> None:
     if bar is not None:
         bar.close()
     result = last.result
-    save_outputs(result, args.out)
+    save_outputs(result, cfg.out)
     if result.stopped:
         print(f"stopped: {result.stopped}")
-    print(f"{args.method}: best reward {float(result.rewards.mean()):.4g} (mean over {len(prompts)} prompts), "
-          f"{result.nfe} NFE; wrote {Path(args.out) / 'best.png'}, iterations/, rewards.csv, rewards.png")
+    print(f"{cfg.method}: best reward {float(result.rewards.mean()):.4g} (mean over {len(prompts)} prompts), "
+          f"{result.nfe} NFE; wrote {Path(cfg.out) / 'best.png'}, iterations/, rewards.csv, rewards.png")
+
+
+def _cmd_methods(args: argparse.Namespace) -> None:
+    """Every training method and modifier, with its family and what it combines with."""
+    from .methods import combines, methods, modifiers
+
+    for name, cls in methods().items():
+        mods = [m for m, mod in modifiers().items() if combines(mod, cls)]
+        print(f"{name:<15} {cls.title:<48} {cls.family:<16} modifiers: {', '.join(mods) or '-'}")
+    for name, mod in modifiers().items():
+        print(f"modifiers.{name:<14} {mod.title}")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="flowalign", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"flowalign {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="sample images from a model (ODE, CFG) into a PNG grid")
@@ -215,30 +232,15 @@ def build_parser() -> argparse.ArgumentParser:
     build.set_defaults(func=_cmd_toy_build)
 
     opt = sub.add_parser("optimize", help="align one image per prompt at inference time (ReNO, CARINOX, best-of-N)")
-    opt.add_argument("--config", default=None, help="a YAML of these options (e.g. configs/reno/sd_turbo.yaml); "
-                     "options given on the command line win")
-    opt.add_argument("--method", default="reno", choices=["reno", "carinox", "best-of-n"])
-    opt.add_argument("--model", default="toy/digits", help="toy/digits, a hub id or a local diffusers folder")
-    opt.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    opt.add_argument("config", nargs="?", default=None, help="a YAML config (see configs/reno/)")
+    opt.add_argument("overrides", nargs="*", help="key=value overrides, e.g. method=carinox reno.iterations=20")
+    opt.add_argument("--prompt", action="append", help="a prompt (repeatable; replaces the config's prompts)")
     opt.add_argument("--prompt-file", help="a text file, one prompt per line")
-    opt.add_argument("--reward", action="append", metavar="NAME[:WEIGHT]", help="a reward (repeatable)")
-    opt.add_argument("--steps", type=int, default=None, help="ODE steps while optimising (model default if unset)")
-    opt.add_argument("--render-steps", type=int, default=None, help="steps to render the best noise with")
-    opt.add_argument("--iterations", type=int, default=50, help="optimisation iterations (best-of-n: N)")
-    opt.add_argument("--lr", type=float, default=5.0)
-    opt.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"])
-    opt.add_argument("--reg-weight", type=float, default=0.01, help="λ of the χ-norm regulariser")
-    opt.add_argument("--grad-clip", type=float, default=0.1)
-    opt.add_argument("--checkpointing", action="store_true", help="gradient checkpointing (less memory)")
-    opt.add_argument("--truncate", type=int, default=None, help="backpropagate through the last K steps only")
-    opt.add_argument("--k", type=int, default=3, help="carinox: seeds explored")
-    opt.add_argument("--n", type=int, default=None, help="best-of-n: samples per prompt (default --iterations)")
-    opt.add_argument("--guidance", type=float, default=None, help="CFG scale (model default if unset)")
-    opt.add_argument("--seed", type=int, default=0)
-    opt.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    opt.add_argument("--local-files-only", action="store_true")
-    opt.add_argument("--out", default="outputs/optimize")
+    opt.add_argument("--out", default=None, help="output folder (default: the config's out)")
     opt.set_defaults(func=_cmd_optimize)
+
+    met = sub.add_parser("methods", help="list the training methods and modifiers")
+    met.set_defaults(func=_cmd_methods)
 
     rw = sub.add_parser("rewards", help="reward models").add_subparsers(dest="rewards_command", required=True)
     rw.add_parser("list", help="every reward name rewards.load accepts").set_defaults(func=_cmd_rewards_list)
@@ -252,38 +254,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _with_config_defaults(parser: argparse.ArgumentParser, command: str, path: str,
-                          argv: list[str] | None) -> argparse.Namespace:
-    """Re-parse with a YAML file's keys (the option names, ``-`` or ``_``) as defaults; ``reward`` may be a
-    mapping name -> weight. Unknown keys are one-line errors naming the file."""
-    import yaml
-
-    from .config import ConfigError
-
-    sub = next(a for a in parser._subparsers._group_actions[0].choices.items() if a[0] == command)[1]
-    if not Path(path).is_file():
-        raise ConfigError(f"--config: file '{path}' not found")
-    data = yaml.safe_load(Path(path).read_text()) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of option names to values")
-    known = {a.dest for a in sub._actions}
-    defaults = {}
-    for key, value in data.items():
-        dest = str(key).replace("-", "_")
-        if dest not in known or dest in ("config", "func"):
-            raise ConfigError(f"{path}: unknown option '{key}' (allowed: {', '.join(sorted(known - {'help', 'config'}))})")
-        if dest == "reward" and isinstance(value, dict):
-            value = [f"{name}:{weight}" for name, weight in value.items()]
-        if dest == "prompt" and isinstance(value, str):
-            value = [value]
-        defaults[dest] = value
-    given = parser.parse_args(argv)
-    sub.set_defaults(**defaults)
-    args = parser.parse_args(argv)
-    for dest in ("reward", "prompt"):  # appending options: the command line's list replaces the file's
-        if getattr(given, dest) is not None:
-            setattr(args, dest, getattr(given, dest))
-    return args
+def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Flags, the config and ``key=value`` overrides in any order (each command's own intermixed parse)."""
+    commands = parser._subparsers._group_actions[0].choices
+    if argv and argv[0] in commands and commands[argv[0]]._subparsers is None:
+        args = commands[argv[0]].parse_intermixed_args(argv[1:])
+        args.command = argv[0]
+        return args
+    return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -291,10 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     from .rewards import RewardError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse(parser, sys.argv[1:] if argv is None else list(argv))
     try:
-        if getattr(args, "config", None) and args.func is _cmd_optimize:
-            args = _with_config_defaults(parser, "optimize", args.config, argv)
         args.func(args)
     except (FlowalignError, RewardError) as err:
         print(f"flowalign: error: {err}", file=sys.stderr)

@@ -15,9 +15,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Iterator
 
-from .algorithms.reno import OptimizeResult, Progress, ReNOConfig
+from .algorithms.carinox import CARINOX_SEEDS
+from .algorithms.noise import OptimizeResult, Progress
+from .algorithms.reno import ReNOConfig
 from .errors import FlowalignError
 from .generators.base import Generator
+
+__all__ = ["CARINOX_SEEDS", "METHODS", "OptimizeResult", "Progress", "ReNOConfig", "optimize", "optimize_iter",
+           "resolve_reward", "save_outputs"]
 
 METHODS = ("reno", "carinox", "best-of-n")
 _CARINOX_KEYS = {"k", "seeds", "top", "categorize", "category_weights", "matched_iterations"}
@@ -71,7 +76,7 @@ def optimize_iter(gen: Generator, prompt: str | list[str], reward_or_weights, me
                                  f"(known: {', '.join(sorted(_BON_KEYS))})")
         yield from run_best_of_n(gen, prompts, reward, seed=seed, metadata=metadata, **options)
         return
-    fields = {f.name for f in dataclasses.fields(ReNOConfig)} - {"multiclip"}
+    fields = {f.name for f in dataclasses.fields(ReNOConfig)}
     extra = _CARINOX_KEYS if method == "carinox" else set()
     unknown = set(options) - fields - extra
     if unknown:

@@ -1,4 +1,4 @@
-"""The reward protocol (DESIGN.md): pointwise, pairwise and set rewards.
+"""The reward protocol: pointwise, pairwise and set rewards (docs/rewards.md).
 
 Batching, device, dtype and input checks are handled here once, not in every plug-in: a subclass
 implements ``_score`` (or ``_prefer``) on a chunk that is already on its device, in its dtype, and
@@ -15,7 +15,7 @@ from torch import nn
 from .errors import RewardError
 
 Modality = Literal["image", "video", "audio"]
-#: The layout each modality's media has (DESIGN.md): image [B,3,H,W], video [B,F,3,H,W], audio [B,C,L].
+#: The layout each modality's media has: image [B,3,H,W], video [B,F,3,H,W], audio [B,C,L].
 LAYOUTS = {"image": "BCHW", "video": "BFCHW", "audio": "BCL"}
 
 
@@ -55,14 +55,16 @@ class Reward(nn.Module):
         """One clear line when the media are not what this reward takes (type, layout, channels, range)."""
         layout = LAYOUTS.get(self.modality, self.input_spec.layout)
         if not isinstance(media, torch.Tensor):
-            raise RewardError(f"reward {self.name}: expected a tensor of {self.modality} media, got {type(media).__name__}")
+            raise RewardError(f"reward {self.name}: expected a tensor of {self.modality} media, "
+                              f"got {type(media).__name__}")
         if not media.is_floating_point():
             raise RewardError(f"reward {self.name}: expected floating-point media, got {media.dtype}")
         if media.ndim != len(layout):
             raise RewardError(f"reward {self.name}: expected {self.modality} media of layout {layout} "
                               f"({len(layout)} dims), got shape {tuple(media.shape)}")
         if "C" in layout and self.modality != "audio" and media.shape[layout.index("C")] != 3:
-            raise RewardError(f"reward {self.name}: expected 3 colour channels in {layout}, got shape {tuple(media.shape)}")
+            raise RewardError(f"reward {self.name}: expected 3 colour channels in {layout}, "
+                              f"got shape {tuple(media.shape)}")
         if self.check_range and media.numel():
             lo, hi = self.input_spec.range
             low, high = torch.aminmax(media.detach())
@@ -107,7 +109,7 @@ class PairwiseReward(Reward):
     """A preference model: ``prefer(a, b, prompts) -> P(a ≻ b)`` per pair, in [0, 1].
 
     As a pointwise reward (``score``), each sample's win rate against the others of its group (Pref-GRPO,
-    grpo_family.md §7): every unordered pair is judged once, a tie counts 0.5 for each side.
+    docs/methods/flow_grpo.md): every unordered pair is judged once, a tie counts 0.5 for each side.
     ``metadata[i]["group"]`` names the group (default: all samples form one group)."""
 
     def _prefer(self, a: torch.Tensor, b: torch.Tensor, prompts: list[str]) -> torch.Tensor:
@@ -123,7 +125,8 @@ class PairwiseReward(Reward):
         device, dtype = device or a.device, dtype or a.dtype
         grad = torch.enable_grad() if self.differentiable and (a.requires_grad or b.requires_grad) else torch.no_grad()
         with grad:
-            chunks = [self._prefer(a[i:i + self.batch_size].to(device, dtype), b[i:i + self.batch_size].to(device, dtype),
+            chunks = [self._prefer(a[i:i + self.batch_size].to(device, dtype),
+                                   b[i:i + self.batch_size].to(device, dtype),
                                    prompts[i:i + self.batch_size]) for i in range(0, a.shape[0], self.batch_size)]
         return check_finite(torch.cat(chunks).float().to(a.device), self.name)
 
@@ -142,7 +145,8 @@ class PairwiseReward(Reward):
         li, ri = torch.tensor(left, device=media.device), torch.tensor(right, device=media.device)
         p = self.prefer(media[li], media[ri], [prompts[i] for i in left])
         wins = torch.zeros(n, device=media.device).index_add(0, li, p).index_add(0, ri, 1 - p)
-        games = torch.zeros(n, device=media.device).index_add(0, li, torch.ones_like(p)).index_add(0, ri, torch.ones_like(p))
+        games = (torch.zeros(n, device=media.device).index_add(0, li, torch.ones_like(p))
+                 .index_add(0, ri, torch.ones_like(p)))
         return wins / games.clamp_min(1)
 
 
@@ -197,8 +201,18 @@ class CompositeReward(Reward):
             return (s - mean) / (var ** 0.5 + 1e-6)
         return s
 
-    def score(self, media, prompts=None, metadata=None) -> torch.Tensor:
-        self.last_scores = {}
+    def score_parts(self, media, prompts=None, metadata=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The weighted (normalised) sum and each part's raw score (detached), in one pass."""
         scores = self.score_all(media, prompts, metadata)
-        self.last_scores = {k: s.detach() for k, s in scores.items()}  # each part's raw scores, for logging
-        return sum(self.weights[k] * self._normalized(k, s) for k, s in scores.items())
+        total = sum(self.weights[k] * self._normalized(k, s) for k, s in scores.items())
+        return total, {k: s.detach() for k, s in scores.items()}
+
+    def score(self, media, prompts=None, metadata=None) -> torch.Tensor:
+        return self.score_parts(media, prompts, metadata)[0]
+
+    def normalization_state(self) -> dict[str, list[float]]:
+        """The running statistics of ``normalize: running`` (a resumed run must continue from them)."""
+        return {k: list(v) for k, v in self.stats.items()}
+
+    def load_normalization_state(self, state: dict[str, list[float]]) -> None:
+        self.stats = {k: (float(v[0]), float(v[1])) for k, v in state.items()}

@@ -82,18 +82,24 @@ def available() -> list[str]:
     return sorted(set(BUILTIN) | set(_plugins()))
 
 
+def reward_class(name: str) -> Callable[..., Reward]:
+    """The class (or factory) ``load(name)`` calls, imported but not called: what a run can check about a
+    reward (pairwise? differentiable?) before any weights load."""
+    if name in BUILTIN:
+        return _resolve(BUILTIN[name])
+    if name in (plugins := _plugins()):
+        return plugins[name].load()
+    raise RewardError(f"reward '{name}': unknown (available: {', '.join(available())})")
+
+
 def load(name: str, **kwargs) -> Reward:
     """A reward by name (``rewards.load("toy/classifier")``); keyword arguments go to its constructor."""
-    if name in BUILTIN:
-        factory = _resolve(BUILTIN[name])
-    elif name in (plugins := _plugins()):
-        factory = plugins[name].load()
-    else:
-        raise RewardError(f"reward '{name}': unknown (available: {', '.join(available())})")
+    factory = reward_class(name)
     try:
         reward = factory(**kwargs)
     except (OSError, ValueError, TypeError, RuntimeError) as err:
-        raise RewardError(f"reward '{name}': cannot load ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+        raise RewardError(f"reward '{name}': cannot load "
+                          f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
     if getattr(reward, "name", "reward") == "reward":
         reward.name = name
     return reward

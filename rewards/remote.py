@@ -2,7 +2,7 @@
 OpenAI-compatible chat API (``VLMJudge``, pairwise as in Pref-GRPO).
 
 Heavy or conflicting reward stacks (GenEval, OCR, UnifiedReward on vLLM) run as servers, as flow_grpo and
-Pref-GRPO do (ecosystem.md §1, §5). Standard-library HTTP only; media travel as base64 PNG/JPEG (WAV for
+Pref-GRPO do. Standard-library HTTP only; media travel as base64 PNG/JPEG (WAV for
 audio). Timeouts and connection errors are retried with exponential backoff; anything else is one line.
 """
 from __future__ import annotations

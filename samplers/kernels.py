@@ -1,7 +1,7 @@
 """One step kernel for every sampler of the GRPO family, with exact Gaussian log-probs in fp32.
 
 Flow convention: ``x_σ = (1-σ)·x0 + σ·ε``, ``v ≈ ε - x0``, so ``x̂0 = x - σ·v`` and ``ε̂ = x + (1-σ)·v``.
-Two step forms cover all noise schedules (``grpo_family.md`` §0-§2):
+Two step forms cover all noise schedules (docs/samplers.md):
 
 - **SDE form** (``zero``, ``flow_grpo(a)``, ``dance(η)``): ``μ = x + Δσ·(v + g²/(2σ)·ε̂)``, std ``g·sqrt(|Δσ|)``;
 - **coefficients-preserving form** (``cps(a)``, ``ddim(η)``): ``μ = (1-σ')·x̂0 + sqrt(σ'² - s²)·ε̂``, std ``s``.

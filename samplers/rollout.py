@@ -212,8 +212,8 @@ def _assemble(tr, leaves, leaf_nodes, leaf_rows, roots, nodes, nfe, schedule, x_
     num_leaves = len(leaves)
     below = torch.zeros(len(nodes), num_leaves, dtype=torch.bool)
     leaf_pos: dict[int, list[int]] = {}
-    for l, n in enumerate(leaf_nodes):
-        leaf_pos.setdefault(n, []).append(l)
+    for leaf, n in enumerate(leaf_nodes):
+        leaf_pos.setdefault(n, []).append(leaf)
 
     def fill(node: Node) -> list[int]:
         idx = list(leaf_pos.get(node_id[id(node)], []))

@@ -1,4 +1,4 @@
-"""The rollout structures of the GRPO family, each a short plan for ``run_plan`` (grpo_family.md §1-§6).
+"""The rollout structures of the GRPO family, each a short plan for ``run_plan`` (docs/samplers.md).
 
 Step ``i`` goes from ``sigmas[i]`` to ``sigmas[i+1]``; ``T = len(sigmas) - 1``. Every function returns
 ``(roots, root_rows)``: the plan's roots and the prompt row each root starts from. The caller draws
@@ -71,7 +71,8 @@ def branches(sigmas: torch.Tensor, num_prompts: int, branch_steps: list[int], nu
         def trunk(from_step: int, rest: list[int]) -> Node:
             here = rest[0]
             node = Node(_steps(sigmas, range(from_step, here), set(), set()), node_group=("trunk", p))
-            node.children = [Node(_steps(sigmas, [here], {here}, {here}) + _steps(sigmas, range(here + 1, T), set(), set()),
+            node.children = [Node(_steps(sigmas, [here], {here}, {here})
+                                  + _steps(sigmas, range(here + 1, T), set(), set()),
                                   leaf_group=(p, here), node_group=(p, here), depth=1)
                              for _ in range(num_branches)]
             if rest[1:]:

@@ -1,7 +1,7 @@
 """Where the SDE window sits in a trajectory, as a pure function of the training iteration.
 
 A pure function (not a mutable state object) so that a resumed run gets exactly the window it would
-have had. Schedules (MixGRPO ``GRPOTrainingStates`` semantics, grpo_family.md §3):
+have had. Schedules (MixGRPO ``GRPOTrainingStates`` semantics; docs/methods/mix_grpo.md):
 
 - ``fixed``: always at ``start``;
 - ``random``: a uniform start in ``[low, high - size]`` per iteration (Flow-GRPO-Fast draws in

@@ -21,7 +21,7 @@ import torch  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-SMALL = ["train.prompts_per_iteration=2", "train.group_size=4", "train.steps=4", "train.eval_prompts=0",
+SMALL = ["train.prompts_per_iteration=2", "flow_grpo.group_size=4", "train.steps=4", "train.eval_prompts=0",
          "train.rollout_batch=8", "train.train_batch=8", "train.checkpoint_every=0", "train.iterations=2"]
 
 
@@ -29,7 +29,7 @@ def main(argv: list[str]) -> None:
     from accelerate import Accelerator
 
     from flowalign.config import load_config
-    from flowalign.training.grpo_trainer import GRPOTrainer
+    from flowalign.training import make_trainer
     from flowalign.training.lora import trainable_state
 
     torch.set_num_threads(1)
@@ -39,18 +39,17 @@ def main(argv: list[str]) -> None:
     folder = out / f"world{world}"
     cfg = load_config(REPO / "configs/toy/digits_flow_grpo.yaml",
                       SMALL + [f"output_dir={folder / 'run'}", *overrides])
-    trainer = GRPOTrainer(cfg, accelerator=acc)
+    trainer = make_trainer(cfg, accelerator=acc)
 
     record: dict[str, torch.Tensor] = {}
     advantages = trainer.advantages
 
-    def recording_advantages(local_rewards, leaf_ids, leaf_groups=None):
-        leaf_adv, rewards_sorted = advantages(local_rewards, leaf_ids, leaf_groups)
-        ids = acc.gather(leaf_ids.contiguous())
-        adv = acc.gather(leaf_adv.contiguous())
+    def recording_advantages(batch):
+        advantages(batch)
+        ids = acc.gather(batch.leaf_ids.contiguous())
+        adv = acc.gather(batch.leaf_advantages.contiguous())
         order = torch.argsort(ids)
-        record.update(ids=ids[order].cpu(), rewards=rewards_sorted.cpu(), advantages=adv[order].cpu())
-        return leaf_adv, rewards_sorted
+        record.update(ids=ids[order].cpu(), rewards=batch.all_rewards.cpu(), advantages=adv[order].cpu())
 
     trainer.advantages = recording_advantages
     for i in range(cfg.train.iterations):

@@ -9,17 +9,26 @@ import pytest
 import torch
 
 from flowalign import rewards
-from flowalign.algorithms import ac_flow, dragon
 from flowalign.config import ConfigError, load_config
 from flowalign.inference import generate
-from flowalign.training.fm_trainer import ACFlowTrainer, DragonTrainer, make_trainer
+from flowalign.methods import ac_flow, dragon
+from flowalign.training import make_trainer
+from flowalign.training.flow_matching import FlowMatchingTrainer
 from flowalign.training.lora import adapters_disabled, trainable_state
 from flowalign.training.report import heldout_prompts
 from flowalign.training.run import train
 
 EVAL = ["train.eval_prompts=60", "train.eval_steps=10", "train.checkpoint_every=0"]
-SMALL = ["train.prompts_per_iteration=2", "train.group_size=2", "train.steps=4", "train.eval_prompts=0",
-         "train.checkpoint_every=0", "train.fm_draws=2"]
+
+
+def small(method: str) -> list[str]:
+    """A tiny run of ``method``: 2 prompts x 2 samples, 4 steps, 2 noise levels per sample."""
+    return ["train.prompts_per_iteration=2", f"{method}.group_size=2", "train.steps=4", "train.eval_prompts=0",
+            "train.checkpoint_every=0", f"{method}.fm_draws=2"]
+
+
+def trainer(config: str, method: str, tmp_path, *overrides: str):
+    return make_trainer(load_config(config, small(method) + [f"output_dir={tmp_path}", *overrides]))
 
 
 # ---------------------------------------------------------------- the parts
@@ -69,7 +78,8 @@ def test_dragon_sets_and_losses():
     assert dragon.dpo_loss(torch.tensor([-0.01]), torch.tensor([0.01]), 100) < dragon.dpo_loss(
         torch.tensor([0.01]), torch.tensor([-0.01]), 100)
     pos = torch.tensor([True, False])
-    assert dragon.kto_loss(torch.tensor([-0.01, 0.01]), pos, 100) < dragon.kto_loss(torch.tensor([0.01, -0.01]), pos, 100)
+    assert dragon.kto_loss(torch.tensor([-0.01, 0.01]), pos, 100) < dragon.kto_loss(
+        torch.tensor([0.01, -0.01]), pos, 100)
     v, v_ref, u = torch.zeros(2, 3), torch.ones(2, 3), torch.ones(2, 3)
     assert torch.equal(dragon.relative_errors(v, v_ref, u), torch.ones(2))
 
@@ -77,24 +87,23 @@ def test_dragon_sets_and_losses():
 # ---------------------------------------------------------------- the trainers
 
 def test_make_trainer_and_config_errors(tmp_path):
-    cfg = load_config("configs/toy/digits_orw_cfm_w2.yaml", SMALL + [f"output_dir={tmp_path / 'orw'}"])
-    orw = make_trainer(cfg)
-    assert isinstance(orw, ACFlowTrainer) and orw.critic is None
-    stats = orw.run_iteration(0)
+    orw = trainer("configs/toy/digits_orw_cfm_w2.yaml", "orw_cfm_w2", tmp_path / "orw")
+    assert isinstance(orw, FlowMatchingTrainer) and orw.method.critic is None
+    stats, _ = orw.run_iteration(0)
     assert stats["fm_loss"] > 0 and stats["nfe"] == 4 * 4  # 4 steps x 2 prompts x 2 samples
     with pytest.raises(ConfigError, match="lora_rank"):
-        make_trainer(load_config("configs/toy/digits_dragon.yaml", SMALL + ["train.lora_rank=0",
-                                                                           f"output_dir={tmp_path / 'd'}"]))
-    with pytest.raises(ConfigError, match="greedy"):
-        make_trainer(load_config("configs/toy/digits_dragon.yaml", SMALL + ["train.dragon_sets=greedy",
-                                                                           f"output_dir={tmp_path / 'g'}"]))
+        load_config("configs/toy/digits_dragon.yaml", small("dragon") + ["train.lora_rank=0"])
+    with pytest.raises(ConfigError, match="dragon.sets=greedy builds pairs: use dragon.loss=dpo"):
+        load_config("configs/toy/digits_dragon.yaml", small("dragon") + ["dragon.sets=greedy", "dragon.loss=kto"])
+    with pytest.raises(ConfigError, match="greedy needs one set reward"):  # known once the reward is loaded
+        trainer("configs/toy/digits_dragon.yaml", "dragon", tmp_path / "g", "dragon.sets=greedy")
 
 
 def test_flow_matching_fits_the_velocity_the_samples_come_from(tmp_path):
     """Samples drawn with CFG w are fitted by the guided velocity (both branches with the LoRA); fitting the
     conditional one to them compounds the guidance each iteration (measured on the 30-iteration configs:
     AC-Flow 0.66 -> 0.43, ORW-CFM-W2 -> 0.15 that way; guided: -> 0.85 and -> 0.68)."""
-    tr = make_trainer(load_config("configs/toy/digits_ac_flow.yaml", SMALL + [f"output_dir={tmp_path / 'a'}"]))
+    tr = trainer("configs/toy/digits_ac_flow.yaml", "ac_flow", tmp_path / "a")
     cond = tr.gen.encode(["a seven", "the digit 3"], negative_prompt="")
     x, sigma = torch.randn(2, *tr.gen.latent_shape), torch.tensor([0.7, 0.3])
     with torch.no_grad():
@@ -104,15 +113,15 @@ def test_flow_matching_fits_the_velocity_the_samples_come_from(tmp_path):
         reference = tr.policy_velocity(x, sigma, cond, reference=True)
         with adapters_disabled(tr.gen.trainable_module, True):
             assert torch.equal(reference, tr.gen.velocity(x, sigma, cond, 3.0))
-    music = make_trainer(load_config("configs/toy/music_dragon_fad.yaml", SMALL + [f"output_dir={tmp_path / 'm'}"]))
+    music = trainer("configs/toy/music_dragon_fad.yaml", "dragon", tmp_path / "m")
     assert music.t.guidance == 1.0  # no CFG: the conditional velocity, as sampled
 
 
 def test_ac_flow_resume_is_bitwise_with_the_critic(tmp_path):
     def run(name, *plan):
         for iterations, resume in plan:
-            tr = ACFlowTrainer(load_config("configs/toy/digits_ac_flow.yaml", SMALL + [
-                "train.critic_warmup=1", f"train.iterations={iterations}", f"output_dir={tmp_path / name}"]))
+            tr = trainer("configs/toy/digits_ac_flow.yaml", "ac_flow", tmp_path / name, "ac_flow.critic_warmup=1",
+                         f"train.iterations={iterations}")
             tr.fit(resume=resume, progress=False)
             tr.save_checkpoint()
             tr.acc.end_training()
@@ -122,10 +131,11 @@ def test_ac_flow_resume_is_bitwise_with_the_critic(tmp_path):
     split = run("split", (2, None), (4, "latest"))
     a, b = (trainable_state(t.gen.trainable_module, True) for t in (straight, split))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    ca, cb = (t.acc.unwrap_model(t.critic).state_dict() for t in (straight, split))
+    ca, cb = (t.acc.unwrap_model(t.method.critic).state_dict() for t in (straight, split))
     assert all(torch.equal(ca[k], cb[k]) for k in ca)
 
 
+@pytest.mark.slow
 def test_ac_flow_learns_and_its_critic_explains_variance(tmp_path):
     metrics = train("configs/toy/digits_ac_flow.yaml", EVAL + ["train.iterations=10", f"output_dir={tmp_path}"],
                     progress=False, print_fn=lambda *_: None)
@@ -146,19 +156,20 @@ def _distance_and_reward(trainer, prompts, meta) -> tuple[float, float]:
     return distance, reward.score(tuned, prompts, meta).mean().item()
 
 
+@pytest.mark.slow
 def test_w2_term_keeps_samples_closer_to_the_base(tmp_path):
     """Same run with and without the W2 bound: at a comparable reward, the W2 run's samples moved less from
     the base's (same noise). Measured (8 iterations): alpha 0.1 -> L2 4.02 at reward 0.823; alpha 0 -> 4.45
     at 0.847 (base 0.650)."""
     prompts, meta = heldout_prompts(40, None)
     base_reward = rewards.load("toy/bold_digit").score(generate(
-        ACFlowTrainer(load_config("configs/toy/digits_ac_flow.yaml", ["train.eval_prompts=0",
-                                                                      f"output_dir={tmp_path / 'b'}"])).gen,
+        make_trainer(load_config("configs/toy/digits_ac_flow.yaml", ["train.eval_prompts=0",
+                                                                     f"output_dir={tmp_path / 'b'}"])).gen,
         prompts, steps=10, guidance=3.0, seed=10007), prompts, meta).mean().item()
     results = {}
     for name, alpha in (("on", 0.1), ("off", 0.0)):
-        tr = ACFlowTrainer(load_config("configs/toy/digits_ac_flow.yaml", [
-            "train.iterations=8", "train.eval_prompts=0", "train.checkpoint_every=0", f"train.w2_weight={alpha}",
+        tr = make_trainer(load_config("configs/toy/digits_ac_flow.yaml", [
+            "train.iterations=8", "train.eval_prompts=0", "train.checkpoint_every=0", f"ac_flow.w2_weight={alpha}",
             f"output_dir={tmp_path / name}"]))
         tr.fit(progress=False)
         results[name] = _distance_and_reward(tr, prompts, meta)
@@ -170,6 +181,7 @@ def test_w2_term_keeps_samples_closer_to_the_base(tmp_path):
     assert d_on < 0.95 * d_off, results
 
 
+@pytest.mark.slow
 def test_dragon_paired_dpo_raises_an_instance_reward(tmp_path):
     metrics = train("configs/toy/digits_dragon.yaml", EVAL + ["train.iterations=10", f"output_dir={tmp_path}"],
                     progress=False, print_fn=lambda *_: None)
@@ -177,16 +189,18 @@ def test_dragon_paired_dpo_raises_an_instance_reward(tmp_path):
 
 
 def test_dragon_unpaired_kto_runs(tmp_path):
-    tr = DragonTrainer(load_config("configs/toy/digits_dragon.yaml", SMALL + [
-        "train.dragon_sets=unpaired", "train.dragon_loss=kto", "train.prompts_per_iteration=4",
-        f"output_dir={tmp_path}"]))
+    tr = trainer("configs/toy/digits_dragon.yaml", "dragon", tmp_path, "dragon.sets=unpaired", "dragon.loss=kto",
+                 "train.prompts_per_iteration=4")
     before = {k: v.clone() for k, v in trainable_state(tr.gen.trainable_module, True).items()}
-    stats = tr.update(tr.sample(0), 0)
+    batch = tr.sample(0)
+    tr.score(batch)
+    stats = tr.method.update(tr, batch)
     after = trainable_state(tr.gen.trainable_module, True)
     assert 0 <= stats["dragon_loss"] <= 1
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.slow
 def test_dragon_lowers_the_music_toys_fad_to_its_exemplars(tmp_path):
     """DRAGON on the toy music model (no CFG), per-sample FAD to 64 real melodies as the instance reward, paired
     DPO: the dataset FAD of 256 held-out generations drops far below its evaluation-seed spread. Measured:
@@ -194,8 +208,8 @@ def test_dragon_lowers_the_music_toys_fad_to_its_exemplars(tmp_path):
     dataset-FAD sets reach 6.3."""
     from flowalign.training.report import EVAL_SEED
 
-    tr = DragonTrainer(load_config("configs/toy/music_dragon_fad.yaml", [
-        "train.dragon_sets=paired", "train.checkpoint_every=0", "train.eval_prompts=0", f"output_dir={tmp_path}"]))
+    tr = make_trainer(load_config("configs/toy/music_dragon_fad.yaml", [
+        "dragon.sets=paired", "train.checkpoint_every=0", "train.eval_prompts=0", f"output_dir={tmp_path}"]))
     fad = rewards.load("toy/music_fad")
     prompts, _ = heldout_prompts(256, None, "music")
 
@@ -211,6 +225,7 @@ def test_dragon_lowers_the_music_toys_fad_to_its_exemplars(tmp_path):
     assert gain > 2.0 and gain > 5 * spread, (before, after)
 
 
+@pytest.mark.slow
 def test_music_training_report_writes_wav_clips(tmp_path):
     import wave
 

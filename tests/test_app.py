@@ -45,7 +45,7 @@ def runs_root(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("runs")
     train("configs/toy/digits_flow_grpo.yaml",
-          ["train.iterations=2", "train.prompts_per_iteration=2", "train.group_size=4", "train.steps=4",
+          ["train.iterations=2", "train.prompts_per_iteration=2", "flow_grpo.group_size=4", "train.steps=4",
            "train.rollout_batch=8", "train.train_batch=8", "train.checkpoint_every=1", "train.eval_prompts=2",
            "train.eval_steps=4", "train.lr=1e-2", f"output_dir={root / 'tiny'}"], progress=False,
           print_fn=lambda *_: None)
@@ -101,12 +101,14 @@ def test_config_defaults_and_one_line_errors(tmp_path):
         load_app_config(None, ["limits.max_stepz=3"])
     limits = Limits(max_prompt_chars=10, max_prompts=2)
     assert check_prompts(" a one \n\n the 2 ", limits) == ["a one", "the 2"]
-    with pytest.raises(FlowalignError, match=r"^prompt: 11 characters, this app takes at most 10 \(limits.max_prompt_chars\)$"):
+    with pytest.raises(FlowalignError,
+                       match=r"^prompt: 11 characters, this app takes at most 10 \(limits.max_prompt_chars\)$"):
         check_prompts("x" * 11, limits)
     with pytest.raises(FlowalignError, match="at most 2"):
         check_prompts("a\nb\nc", limits)
 
 
+@pytest.mark.slow
 def test_compare_same_seeds_lora_and_scores(runs_root, cache):
     """Base samples are exactly ``generate`` on the same seeds; the LoRA changes them, scale 0 does not;
     each score is the reward's own score of that sample."""
@@ -134,6 +136,7 @@ def test_compare_same_seeds_lora_and_scores(runs_root, cache):
     assert (base_pair.seed, aligned_pair.variant) == (4, "tiny/final")
 
 
+@pytest.mark.slow
 def test_compare_rejects_bad_input_in_one_sentence(runs_root, cache, tmp_path):
     limits = Limits(max_batch=4, max_checkpoints=1)
     run = lambda **kw: run_compare(cache, limits, **{"model": "toy/digits", "checkpoints": [], "prompts": PROMPT,  # noqa: E731
@@ -152,6 +155,7 @@ def test_compare_rejects_bad_input_in_one_sentence(runs_root, cache, tmp_path):
         assert "\n" not in str(info.value)
 
 
+@pytest.mark.slow
 def test_optimise_streams_and_cancels_cleanly(cache):
     """ReNO streams one step per iteration (growing trajectory, best never falls), the last carries the
     result; a run abandoned mid-way (Stop) leaves the model unlocked and usable."""
@@ -178,6 +182,7 @@ def test_optimise_streams_and_cancels_cleanly(cache):
                           iterations=11))
 
 
+@pytest.mark.slow
 def test_runs_view_reads_what_the_trainer_writes(runs_root, tmp_path):
     assert find_runs(runs_root) == [str(runs_root / "tiny")]
     assert find_checkpoints(runs_root) == [final_lora(runs_root)]
@@ -304,6 +309,7 @@ def _value(output):
     return output["value"] if isinstance(output, dict) and "value" in output and "visible" in output else output
 
 
+@pytest.mark.slow
 def test_client_compare_optimise_and_run_view(client, runs_root):
     outputs = client.predict("toy/digits", [final_lora(runs_root)], 1.0, PROMPT, 0, 2, 4, "",
                              ["toy/bold_digit", "toy/ink"], "", api_name="/compare")
@@ -313,7 +319,8 @@ def test_client_compare_optimise_and_run_view(client, runs_root):
     assert gallery[1]["caption"].startswith("tiny/final · a handwritten seven · seed 0 · toy/bold_digit 0.")
     assert re.search(r"toy/ink \d\.\d{3}$", gallery[0]["caption"])
     assert table["headers"] == ["prompt", "seed", "model", "toy/bold_digit", "toy/ink"] and len(table["data"]) == 4
-    assert [row[2] for row in table["data"]] == ["base", "tiny/final"] * 2 and all(0 <= r[3] <= 1 for r in table["data"])
+    assert ([row[2] for row in table["data"]] == ["base", "tiny/final"] * 2
+            and all(0 <= r[3] <= 1 for r in table["data"]))
     assert pair.startswith("1. a handwritten seven · seed 0: base vs tiny/final")
     assert len(slider) == 2 and all(Path(p).is_file() for p in slider) and video_a is None
     status, gallery, plot, best, _, _, download = map(_value, client.predict(
@@ -329,12 +336,14 @@ def test_client_compare_optimise_and_run_view(client, runs_root):
     assert {row[0] for row in table["data"]} >= {"reward/mean", "policy_loss"}
 
 
+@pytest.mark.slow
 def test_client_errors_are_one_sentence(client, runs_root, tmp_path):
     from gradio_client.exceptions import AppError
 
     compare = ["toy/digits", [], 1.0, PROMPT, 0, 1, 4, "", ["toy/ink"], ""]
     optimise = ["toy/digits", "", 1.0, "reno", PROMPT, 0, ["toy/bold_digit"], "", 5.0, 3, 4, 1, *[1.0] * 6]
-    cases = [("/compare", {3: "x" * 61}, r"^prompt: 61 characters, this app takes at most 60 \(limits.max_prompt_chars\)$"),
+    cases = [("/compare", {3: "x" * 61},
+              r"^prompt: 61 characters, this app takes at most 60 \(limits.max_prompt_chars\)$"),
              ("/compare", {9: "toy/bold_digit, no/such"}, r"^reward 'no/such': unknown \(available: "),
              ("/compare", {1: [str(tmp_path)]}, r"^checkpoint '.*': no pytorch_lora_weights.safetensors there"),
              ("/compare", {7: "lots"}, r"^CFG scale: expected a number, got 'lots'$"),
@@ -352,6 +361,7 @@ def test_client_errors_are_one_sentence(client, runs_root, tmp_path):
     assert client.predict(*compare, api_name="/compare")[0].startswith("1 prompt(s)")  # still serving
 
 
+@pytest.mark.slow
 def test_twenty_concurrent_requests_all_complete(client, server):
     """20 requests at once (concurrency limit 1): all are queued and answered, each with its own seed."""
     def one(seed: int):
@@ -385,7 +395,8 @@ def browser():
     os.environ["SE_OFFLINE"] = "true"  # never let Selenium Manager download anything
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,2200"):
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--window-size=1400,2200"):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
     yield driver
@@ -425,6 +436,7 @@ def _tab(driver, name: str) -> None:
     driver.find_element("xpath", f"//button[@role='tab'][contains(., '{name}')]").click()
 
 
+@pytest.mark.slow
 def test_browser_compare_optimise_train(browser, server, tmp_path):
     url, _ = server
     shots = tmp_path / "screenshots"

@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import flowalign
 from flowalign import rewards
 from flowalign.cli import main
@@ -53,6 +55,7 @@ def test_rewards_list():
     assert "toy/classifier" in proc.stdout.split()
 
 
+@pytest.mark.slow
 def test_toy_build_quick_writes_loadable_models(tmp_path):
     """`flowalign toy build --quick` runs every training script and writes what the loaders read."""
     assert main(["toy", "build", "--quick", "--out", str(tmp_path)]) == 0

@@ -17,13 +17,11 @@ def write(tmp_path, text):
 
 
 def test_shipped_configs_load():
-    from flowalign.cli import _with_config_defaults, build_parser
+    from flowalign.optimize_config import OptimizeConfig, load_optimize_config
 
     for path in (ROOT / "configs").rglob("*.yaml"):
-        if "reno" in path.parts:  # `flowalign optimize --config` files: option names as keys
-            argv = ["optimize", "--config", str(path)]
-            args = _with_config_defaults(build_parser(), "optimize", str(path), argv)
-            assert args.method == "reno" and args.reward and args.lr == 5.0, path
+        if "reno" in path.parts:  # `flowalign optimize` configs
+            assert isinstance(load_optimize_config(path), OptimizeConfig), path
         elif "accelerate" not in path.parts:
             assert isinstance(load_config(path), RunConfig)
 
@@ -32,17 +30,18 @@ def test_optimize_config_file(tmp_path, capsys):
     from flowalign.cli import main
 
     out = tmp_path / "out"
-    code = main(["optimize", "--config", "configs/reno/toy_digits.yaml", "--prompt", "a handwritten seven",
-                 "--iterations", "2", "--steps", "2", "--render-steps", "2", "--out", str(out)])
+    code = main(["optimize", "configs/reno/toy_digits.yaml", "--prompt", "a handwritten seven",
+                 "reno.iterations=2", "reno.steps=2", "reno.render_steps=2", "--out", str(out)])
     assert code == 0 and (out / "best.png").is_file()
     bad = write(tmp_path, "method: reno\nlearning_rate: 3\n")
-    assert main(["optimize", "--config", str(bad), "--prompt", "seven"]) == 2
-    assert "unknown option 'learning_rate'" in capsys.readouterr().err
+    assert main(["optimize", str(bad), "--prompt", "seven"]) == 2
+    assert "unknown key 'learning_rate'" in capsys.readouterr().err
 
 
 def test_overrides_are_typed(tmp_path):
     cfg = load_config(write(tmp_path, "sample:\n  steps: 10\n"),
-                      ["sample.steps=30", "sample.guidance=1e-1", "eval.rewards=toy/ink,toy/size", "model.dtype=bfloat16"])
+                      ["sample.steps=30", "sample.guidance=1e-1", "eval.rewards=toy/ink,toy/size",
+                       "model.dtype=bfloat16"])
     assert cfg.sample.steps == 30 and cfg.sample.guidance == pytest.approx(0.1)
     assert cfg.eval.rewards == ["toy/ink", "toy/size"] and cfg.model.dtype == "bfloat16"
 
@@ -68,9 +67,41 @@ def test_bad_input_names_the_field(tmp_path, text, overrides, expected):
     assert expected in message and "\n" not in message
 
 
-def test_missing_config_file():
+def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="config file 'nope.yaml' not found"):
         load_config("nope.yaml")
+    with pytest.raises(ConfigError, match="is a folder, expected a YAML file"):
+        load_config(tmp_path)
+    binary = tmp_path / "b.yaml"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ConfigError, match="not a text file"):
+        load_config(binary)
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("a: " + "[" * 1000 + "]" * 1000 + "\n")
+    with pytest.raises(ConfigError):
+        load_config(deep)
+
+
+def test_flags_config_and_overrides_in_any_order(tmp_path):
+    """Every command parses its flags, its config and its overrides intermixed."""
+    from flowalign.cli import _config_and_overrides, build_parser, parse
+
+    parser = build_parser()
+    for argv in (["train", "train.lr=1e-3", "configs/toy/digits_flow_grpo.yaml", "--resume-from-checkpoint", "latest",
+                  "train.iterations=2"],
+                 ["train", "--resume-from-checkpoint", "latest", "configs/toy/digits_flow_grpo.yaml", "train.lr=1e-3",
+                  "train.iterations=2"]):
+        args = parse(parser, argv)
+        assert args.resume_from_checkpoint == "latest"
+        config, overrides = _config_and_overrides(args)
+        assert config == "configs/toy/digits_flow_grpo.yaml" and set(overrides) == {"train.lr=1e-3",
+                                                                                   "train.iterations=2"}
+    args = parse(parser, ["optimize", "reno.iterations=2", "--prompt", "a", "configs/reno/toy_digits.yaml",
+                          "--prompt", "b", "--out", str(tmp_path)])
+    assert args.prompt == ["a", "b"] and _config_and_overrides(args) == ("configs/reno/toy_digits.yaml",
+                                                                         ["reno.iterations=2"])
+    with pytest.raises(ConfigError, match="expected one config file"):
+        _config_and_overrides(parse(parser, ["evaluate", "a.yaml", "b.yaml"]))
 
 
 @pytest.mark.parametrize("args, expected", [

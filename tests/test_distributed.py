@@ -23,10 +23,11 @@ import torch.distributed as dist
 REPO = Path(__file__).resolve().parent.parent
 WORKER = REPO / "tests" / "dist_grpo_worker.py"
 ITERATIONS = 2
-OVERRIDES = ["train.shuffle=false", "train.updates_per_iteration=1", f"train.iterations={ITERATIONS}"]
+OVERRIDES = ["flow_grpo.shuffle=false", "train.updates_per_iteration=1", f"train.iterations={ITERATIONS}"]
 
-pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
-                                reason="torch.distributed with gloo is needed")
+pytestmark = [pytest.mark.slow,  # process launches: the full suite only
+              pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                 reason="torch.distributed with gloo is needed")]
 
 
 def _free_port() -> int:
@@ -41,7 +42,8 @@ def _run(cmd: list[str]) -> None:
                 "ACCELERATE_USE_CPU"):
         env.pop(key, None)
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, (f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                                  f"{proc.stderr[-6000:]}")
 
 
 @pytest.fixture(scope="module")

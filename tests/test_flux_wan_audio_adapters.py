@@ -16,7 +16,8 @@ from flowalign.generators import load_generator
 from flowalign.generators.flux import FluxGenerator
 from flowalign.generators.stable_audio import StableAudioGenerator, enable_lora_adapters
 from flowalign.generators.wan import WanGenerator
-from flowalign.training.grpo_trainer import GRPOTrainer
+from flowalign.training import make_trainer as build_trainer
+from flowalign.training.trainer import Trainer
 
 PROMPTS = ["a photo of a cat", "a red apple"]
 WAN = {"height": 16, "width": 16, "num_frames": 9, "max_sequence_length": 16}
@@ -209,19 +210,19 @@ EXTRA = {"wan22": {"train_expert": "low"}}  # the default (high) trains like Wan
 STEPS = {"wan22": 4}  # shift 7: with 3 steps every SDE step is a high-noise one; with 4 the low expert gets two
 
 
-def make_trainer(dirs, family: str, work: Path, *overrides: str) -> GRPOTrainer:
+def make_trainer(dirs, family: str, work: Path, *overrides: str) -> Trainer:
     prompt_file = work / "prompts.txt"
     prompt_file.write_text("\n".join(PROMPTS + ["a dog on the grass"]) + "\n")
     options = {**FAMILIES[family][2], **EXTRA.get(family, {})}
     cfg = load_config(None, [
         f"model.name={dirs[family]}", "model.local_files_only=true", f"model.options={options}",
         f"reward.weights={{{REWARDS[family]}: 1.0}}", f"train.prompt_file={prompt_file}", "train.iterations=1",
-        "train.prompts_per_iteration=2", "train.group_size=2", f"train.steps={STEPS.get(family, 3)}",
+        "train.prompts_per_iteration=2", "flow_grpo.group_size=2", f"train.steps={STEPS.get(family, 3)}",
         f"train.guidance={GUIDANCE[family]}", "train.eval_prompts=0", "train.rollout_batch=4", "train.train_batch=4",
         "train.updates_per_iteration=1",
-        "train.lr=1e-2", "train.clip_range=0.2", "train.lora_rank=4", "train.lora_alpha=8",
+        "train.lr=1e-2", "flow_grpo.clip_range=0.2", "train.lora_rank=4", "train.lora_alpha=8",
         "train.checkpoint_every=0", f"output_dir={work / 'run'}", *overrides])
-    return GRPOTrainer(cfg)
+    return build_trainer(cfg)
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -283,6 +284,6 @@ def test_bf16_iteration_keeps_fp32_log_probs(dirs, family, tmp_path):
     assert trainer.gen.dtype == torch.bfloat16
     history = trainer.fit(progress=False)
     assert all(torch.isfinite(torch.tensor(v)) for v in history[0].values())
-    rollout = trainer.rollout(1)[0]
+    rollout = trainer.rollout(1).rollout
     assert rollout.logp.dtype == torch.float32 and torch.isfinite(rollout.logp).all()
     trainer.acc.end_training()

@@ -7,25 +7,33 @@ import torch
 from flowalign.config import load_config
 from flowalign.errors import FlowalignError
 from flowalign.training import checkpoint as ckpt
-from flowalign.training.grpo_trainer import GRPOTrainer
+from flowalign.training import make_trainer
 from flowalign.training.lora import trainable_state
 
-SMALL = ["train.prompts_per_iteration=2", "train.group_size=4", "train.steps=4", "train.eval_prompts=0",
+SMALL = ["train.prompts_per_iteration=2", "flow_grpo.group_size=4", "train.steps=4", "train.eval_prompts=0",
          "train.rollout_batch=8", "train.train_batch=8", "train.checkpoint_every=0"]
 
 
 def trainer(tmp_path, *overrides, name="run"):
     cfg = load_config("configs/toy/digits_flow_grpo.yaml", SMALL + [f"output_dir={tmp_path / name}", *overrides])
-    return GRPOTrainer(cfg)
+    return make_trainer(cfg)
+
+
+def scored_batch(tr, iteration=0):
+    """One iteration's batch up to its advantages (no update)."""
+    batch = tr.rollout(iteration)
+    tr.score(batch)
+    tr.advantages(batch)
+    return batch
 
 
 def first_ratios(tr) -> torch.Tensor:
-    rollout, prompts, meta, _, leaf_ids = tr.rollout(0)
-    adv, _ = tr.advantages(tr.score(rollout, prompts, meta), leaf_ids)
-    old = rollout.logp if tr.t.old_logp == "rollout" else tr._recompute_logp(rollout)
+    batch = scored_batch(tr)
+    rollout = batch.rollout
+    old = rollout.logp if tr.method.options.old_logp == "rollout" else tr.recompute_logp(batch)
     idx = torch.arange(min(tr.t.train_batch, rollout.num_transitions))
     with torch.no_grad():
-        v = tr._velocity(rollout, idx)
+        v = tr.velocity(batch, idx)
     from flowalign.samplers.kernels import step
 
     new = step(v, rollout.x[idx], rollout.sigma[idx], rollout.sigma_next[idx], schedule=tr.schedule,
@@ -35,20 +43,24 @@ def first_ratios(tr) -> torch.Tensor:
 
 def test_first_inner_step_is_exactly_on_policy(tmp_path):
     """Same batches as the rollout (or recomputed old log-probs): the ratio is exactly 1 before any update."""
-    assert torch.equal(first_ratios(trainer(tmp_path, "train.shuffle=false")), torch.ones(8))
-    assert torch.equal(first_ratios(trainer(tmp_path, "train.old_logp=recompute", "train.train_batch=5")),
+    assert torch.equal(first_ratios(trainer(tmp_path, "flow_grpo.shuffle=false")), torch.ones(8))
+    assert torch.equal(first_ratios(trainer(tmp_path, "flow_grpo.old_logp=recompute", "train.train_batch=5")),
                        torch.ones(5))
 
 
-def test_resume_is_bitwise_identical(tmp_path):
-    """4 iterations straight == 2 iterations, a stop, a resume from the checkpoint, 2 more."""
-    straight = trainer(tmp_path, "train.iterations=4", name="straight")
+@pytest.mark.parametrize("options", [[], ["reward.normalize=running",
+                                          "reward.weights={toy/bold_digit: 1, toy/ink: 1}"]])
+def test_resume_is_bitwise_identical(tmp_path, options):
+    """4 iterations straight == 2 iterations, a stop, a resume from the checkpoint, 2 more (with running reward
+    statistics too: they are in the checkpoint)."""
+    straight = trainer(tmp_path, "train.iterations=4", *options, name="straight")
     straight.fit(progress=False)
-    first = trainer(tmp_path, "train.iterations=2", "train.checkpoint_every=2", name="resumed")
+    first = trainer(tmp_path, "train.iterations=2", "train.checkpoint_every=2", *options, name="resumed")
     first.fit(progress=False)
     del first
-    second = trainer(tmp_path, "train.iterations=4", "train.checkpoint_every=2", name="resumed")
+    second = trainer(tmp_path, "train.iterations=4", "train.checkpoint_every=2", *options, name="resumed")
     second.fit(resume="latest", progress=False)
+    assert second.reward.normalization_state() == straight.reward.normalization_state()
     a = trainable_state(straight.gen.trainable_module, True)
     b = trainable_state(second.gen.trainable_module, True)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -74,7 +86,7 @@ def test_reward_failure_policies(tmp_path, monkeypatch):
         raise rewards.RewardError("reward toy/bold_digit: non-finite score nan for sample 3")
 
     tr = trainer(tmp_path, "train.iterations=1")
-    monkeypatch.setattr(type(tr.reward), "score", broken)
+    monkeypatch.setattr(type(tr.reward), "score_parts", broken)
     with pytest.raises(FlowalignError, match="reward failed at iteration 0 .*reward.on_error=skip"):
         tr.fit(progress=False)
     skip = trainer(tmp_path, "train.iterations=1", "reward.on_error=skip", name="skip")
@@ -86,29 +98,28 @@ def test_reward_failure_policies(tmp_path, monkeypatch):
 
 def test_non_finite_loss_stops_with_a_checkpoint(tmp_path, monkeypatch):
     tr = trainer(tmp_path, "train.iterations=2")
-    real = tr._loss
+    real = tr.loss
 
     def nan_loss(*args):
         loss, stats = real(*args)
         return loss * float("nan"), stats
 
-    monkeypatch.setattr(tr, "_loss", nan_loss)
+    monkeypatch.setattr(tr, "loss", nan_loss)
     with pytest.raises(FlowalignError, match="loss is nan at iteration 0: stopped; the last good state is in"):
         tr.fit(progress=False)
     assert ckpt.resolve(tmp_path / "run" / "checkpoints", "latest").name == "checkpoint-0"
 
 
 def test_kl_to_the_lora_off_base_is_zero_at_the_start(tmp_path):
-    tr = trainer(tmp_path, "train.beta=0.04")
-    rollout, prompts, meta, _, leaf_ids = tr.rollout(0)
-    adv, _ = tr.advantages(tr.score(rollout, prompts, meta), leaf_ids)
-    _, stats = tr._loss(rollout, torch.arange(8), adv[:8], rollout.logp[:8])
+    tr = trainer(tmp_path, "modifiers.kl.beta=0.04")
+    batch = scored_batch(tr)
+    _, stats = tr.loss(batch, torch.arange(8), batch.rollout.logp[:8])
     assert stats["kl"].item() == 0.0  # LoRA B starts at zero: policy == base
 
 
 def test_bad_train_config_is_one_line(tmp_path):
     with pytest.raises(FlowalignError, match="train.cfg=false .* needs train.guidance=1"):
-        trainer(tmp_path, "train.cfg=false")
+        load_config("configs/toy/digits_flow_grpo.yaml", ["train.cfg=false"])
     with pytest.raises(FlowalignError, match="unknown key 'train.learning_rate'"):
         trainer(tmp_path, "train.learning_rate=1")
 
@@ -128,8 +139,8 @@ def test_report_and_final_lora(tmp_path):
 
 @pytest.mark.parametrize("options", [["train.mixed_precision=bf16"], ["train.gradient_checkpointing=true"],
                                      ["train.lora_rank=0", "train.lr=1e-5"], ["train.ema_decay=0.9"],
-                                     ["train.share_noise=true"], ["train.window_size=2"],
-                                     ["train.noise=cps", "train.noise_level=0.8"]])
+                                     ["flow_grpo.share_noise=true"], ["modifiers.fast.window_size=2"],
+                                     ["modifiers.cps.noise_level=0.8"]])
 def test_training_options_run(tmp_path, options):
     """Each option trains an iteration end to end and saves its final weights (bf16 autocast on CPU too)."""
     from accelerate.state import AcceleratorState
@@ -139,7 +150,8 @@ def test_training_options_run(tmp_path, options):
     history = tr.fit(progress=False)
     assert all(torch.isfinite(torch.tensor(v)) for k, v in history[0].items() if k != "iteration")
     final = tr.save_final()
-    assert (final / ("pytorch_lora_weights.safetensors" if tr.lora else "diffusion_pytorch_model.safetensors")).is_file()
+    assert (final / ("pytorch_lora_weights.safetensors" if tr.lora
+                     else "diffusion_pytorch_model.safetensors")).is_file()
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
@@ -180,16 +192,16 @@ def test_grpo_guard_ratio_is_one_on_policy_and_trains(tmp_path):
     from flowalign.algorithms.grpo.loss import guard_log_ratio
     from flowalign.samplers.kernels import step
 
-    tr = trainer(tmp_path, "train.ratio_norm=true", "train.shuffle=false")
-    rollout, prompts, meta, _, leaf_ids = tr.rollout(0)
-    idx = torch.arange(8)
+    tr = trainer(tmp_path, "modifiers.grpo_guard={}", "flow_grpo.shuffle=false")
+    batch = tr.rollout(0)
+    rollout, idx = batch.rollout, torch.arange(8)
     with torch.no_grad():
-        out = step(tr._velocity(rollout, idx), rollout.x[idx], rollout.sigma[idx], rollout.sigma_next[idx],
+        out = step(tr.velocity(batch, idx), rollout.x[idx], rollout.sigma[idx], rollout.sigma_next[idx],
                    schedule=tr.schedule, prev_sample=rollout.x_next[idx], noise_scale=rollout.scale[idx])
     log_r, delta_bar = guard_log_ratio(out.logp, rollout.logp[idx], out.mean, rollout.mean[idx], out.std,
                                        rollout.sigma[idx], rollout.sigma_next[idx])
     assert torch.equal(log_r, torch.zeros(8)) and 0 < delta_bar < 1
-    history = trainer(tmp_path, "train.ratio_norm=true", "train.iterations=2", name="guard").fit(progress=False)
+    history = trainer(tmp_path, "modifiers.grpo_guard={}", "train.iterations=2", name="guard").fit(progress=False)
     assert all(torch.isfinite(torch.tensor(h["policy_loss"])) for h in history)
 
 

@@ -1,12 +1,13 @@
 """Dynamic-TreeRPO's LayerTuning-RL term and MixGRPO-Flash (DPM-Solver++ after the SDE window)."""
+import re
+
 import pytest
 import torch
 
-from flowalign.algorithms.grpo.layer_tuning import best_path_weights, velocity_targets
-from flowalign.algorithms.grpo.recipes import flash_split, sde_and_train_steps
 from flowalign.config import ConfigError, load_config
+from flowalign.modifiers.layer_tuning import best_path_weights, velocity_targets
 from flowalign.samplers.kernels import flow_grpo, step_mean
-from flowalign.training.grpo_trainer import GRPOTrainer
+from flowalign.training import make_trainer
 
 TREE = ["train.prompts_per_iteration=2", "train.steps=8", "train.eval_prompts=0", "train.checkpoint_every=0"]
 
@@ -44,21 +45,22 @@ def test_velocity_target_reproduces_the_step_taken():
 def test_layer_tuning_pulls_the_policy_toward_the_best_path(tmp_path):
     """With zero advantages the policy loss has no gradient: the LayerTuning term alone must shrink the
     velocity error on the best paths, and only there (off-path transitions weigh 0)."""
-    cfg = load_config("configs/toy/digits_tree_grpo.yaml", TREE + ["train.layer_tuning=1.0",
-                                                                  "train.layer_tuning_weight=uniform",
+    cfg = load_config("configs/toy/digits_tree_grpo.yaml", TREE + ["modifiers.layer_tuning.weight=1.0",
+                                                                  "modifiers.layer_tuning.group_weight=uniform",
                                                                   f"output_dir={tmp_path}"])
-    tr = GRPOTrainer(cfg)
-    rollout, prompts, meta, groups, ids = tr.rollout(0)
-    rewards = tr.score(rollout, prompts, meta, groups)
-    leaf_adv, _ = tr.advantages(rewards, ids, groups)
-    tr._tuning = tr._layer_tuning_targets(rollout, leaf_adv, rewards)
-    weights = tr._tuning[0]
+    tr = make_trainer(cfg)
+    batch = tr.rollout(0)
+    tr.score(batch)
+    tr.advantages(batch)
+    batch.advantages = torch.zeros_like(batch.advantages)
+    tr.method.modifiers["layer_tuning"].prepare(tr, batch)
+    weights = batch.extras["layer_tuning"][0]
+    rollout = batch.rollout
     assert 0 < int((weights > 0).sum()) < rollout.num_transitions
     idx = torch.arange(rollout.num_transitions)
-    zero = torch.zeros(len(idx))
     losses = []
     for _ in range(15):
-        loss, stats = tr._loss(rollout, idx, zero, rollout.logp)
+        loss, stats = tr.loss(batch, idx, rollout.logp)
         tr.acc.backward(loss)
         tr.optimizer.step()
         tr.optimizer.zero_grad(set_to_none=True)
@@ -66,23 +68,27 @@ def test_layer_tuning_pulls_the_policy_toward_the_best_path(tmp_path):
     assert losses[-1] < 0.8 * losses[0], losses
 
 
+@pytest.mark.slow
 def test_tree_with_layer_tuning_still_learns(tmp_path):
     """The shipped Dynamic-TreeRPO config runs LayerTuning-RL (λ 0.1): the bold-digit reward still rises.
-    Measured (16 iterations): 0.664 -> 0.916 with it, 0.932 without."""
+    Measured with 16 iterations (this test runs 10): 0.664 -> 0.916 with it, 0.932 without."""
     from flowalign.training.run import train
 
     budget = ["train.iterations=10", "train.prompts_per_iteration=4", "train.steps=8", "train.eval_prompts=40",
               "train.eval_steps=10", "train.checkpoint_every=0", f"output_dir={tmp_path}"]
-    assert load_config("configs/toy/digits_tree_grpo.yaml").train.layer_tuning > 0
+    assert load_config("configs/toy/digits_tree_grpo.yaml").modifiers["layer_tuning"].weight > 0
     metrics = train("configs/toy/digits_tree_grpo.yaml", budget, progress=False, print_fn=lambda *_: None)
     assert metrics["reward_after"] - metrics["reward_before"] > 0.1
 
 
 def test_flash_tail_is_respaced_and_shorter():
-    cfg = load_config("configs/toy/digits_mix_grpo_flash.yaml", ["train.steps=10"]).train
+    from flowalign.methods import build
+
+    cfg = load_config("configs/toy/digits_mix_grpo_flash.yaml", ["train.steps=10"])
+    method = build(cfg.method, cfg.options, cfg.train, cfg.modifiers)
     sigmas = torch.linspace(1, 0, 11)
-    window = sde_and_train_steps(cfg, 0)[0]
-    head, tail = flash_split(cfg, sigmas, 0)
+    window = method.sde_window(0)
+    head, tail = method.modifiers["flash"].rollout_grid(sigmas, None, window)
     last = max(window)
     assert torch.equal(head, sigmas[:last + 2])
     assert len(tail) - 1 == max(int((10 - 1 - last) * 0.4), 1)
@@ -92,12 +98,12 @@ def test_flash_tail_is_respaced_and_shorter():
 
 def test_flash_rollout_counts_its_nfes(tmp_path):
     """Flash: the same window, fewer model passes after it (counted by the engine and the solver)."""
-    over = ["train.steps=10", "train.prompts_per_iteration=2", "train.group_size=4", "train.eval_prompts=0",
+    over = ["train.steps=10", "train.prompts_per_iteration=2", "mix_grpo.group_size=4", "train.eval_prompts=0",
             "train.checkpoint_every=0", "train.guidance=1", f"output_dir={tmp_path}"]
-    plain = GRPOTrainer(load_config("configs/toy/digits_mix_grpo.yaml", over))
-    flash = GRPOTrainer(load_config("configs/toy/digits_mix_grpo_flash.yaml", over))
-    last = max(sde_and_train_steps(flash.t, 0)[0])
-    r_plain, r_flash = plain.rollout(0)[0], flash.rollout(0)[0]
+    plain = make_trainer(load_config("configs/toy/digits_mix_grpo.yaml", over))
+    flash = make_trainer(load_config("configs/toy/digits_mix_grpo_flash.yaml", over))
+    last = max(flash.method.sde_window(0))
+    r_plain, r_flash = plain.rollout(0).rollout, flash.rollout(0).rollout
     n = 8
     assert r_plain.nfe == n * 10
     assert r_flash.nfe == n * (last + 1 + max(int((10 - 1 - last) * 0.4), 1))
@@ -107,11 +113,20 @@ def test_flash_rollout_counts_its_nfes(tmp_path):
     assert (r_flash.leaves - r_plain.leaves).abs().mean() < 0.25
 
 
-def test_flash_needs_a_window(tmp_path):
-    with pytest.raises(ConfigError, match="train.flash"):
-        GRPOTrainer(load_config("configs/toy/digits_flow_grpo.yaml", ["train.flash=true", f"output_dir={tmp_path}"]))
+@pytest.mark.parametrize("overrides, message", [
+    (["modifiers.flash={}"], "modifiers.flash (MixGRPO-Flash) with method flow_grpo needs modifiers.fast"),
+    (["method=tree_grpo", "flow_grpo=null", "modifiers.flash={}"], "modifiers.flash (MixGRPO-Flash) does not "
+     "combine with method tree_grpo"),
+    (["method=dance_grpo", "flow_grpo=null", "modifiers.fast={}"], "modifiers.fast (Flow-GRPO-Fast window) does not "
+     "combine with method dance_grpo"),
+])
+def test_flash_needs_a_window(overrides, message):
+    """Flash before never ran on a tree (silently); the Fast window silently replaced DanceGRPO's random steps."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config("configs/toy/digits_flow_grpo.yaml", overrides)
 
 
+@pytest.mark.slow
 def test_mix_grpo_flash_learns(tmp_path):
     """MixGRPO-Flash on bold digits + centring: measured 1.488 -> 1.674 (+0.19) in 16 iterations (plain
     MixGRPO +0.09), at 52 instead of 80 rollout NFEs per trajectory."""

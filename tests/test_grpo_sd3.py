@@ -12,8 +12,9 @@ from safetensors import safe_open
 from sd3_tiny import build_tiny_sd3
 
 from flowalign.config import load_config
-from flowalign.training.grpo_trainer import GRPOTrainer
+from flowalign.training import make_trainer
 from flowalign.training.lora import adapters_disabled
+from flowalign.training.trainer import Trainer
 
 PROMPTS = ["a photo of a cat", "a dog on the grass", "red apple, blue sky"]
 RANK, ALPHA = 4, 8.0  # LoRA scale alpha / r = 2: a loader that ignored alpha would give another policy
@@ -25,18 +26,18 @@ def tiny_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_dir, tmp_path_factory) -> tuple[GRPOTrainer, Path]:
+def trained(tiny_dir, tmp_path_factory) -> tuple[Trainer, Path]:
     """One GRPO iteration on the tiny SD3 (ink reward: works on any RGB image); the trainer and ``final/``."""
     work = tmp_path_factory.mktemp("grpo_sd3")
     prompt_file = work / "prompts.txt"
     prompt_file.write_text("\n".join(PROMPTS) + "\n")
     overrides = [f"model.name={tiny_dir}", "model.local_files_only=true", "reward.weights={toy/ink: 1.0}",
                  f"train.prompt_file={prompt_file}", "train.iterations=1", "train.prompts_per_iteration=2",
-                 "train.group_size=2", "train.steps=3", "train.guidance=3.0", "train.eval_prompts=0",
+                 "flow_grpo.group_size=2", "train.steps=3", "train.guidance=3.0", "train.eval_prompts=0",
                  "train.rollout_batch=4", "train.train_batch=4", "train.updates_per_iteration=1",
-                 "train.lr=1e-2", "train.clip_range=0.2", f"train.lora_rank={RANK}", f"train.lora_alpha={ALPHA}",
+                 "train.lr=1e-2", "flow_grpo.clip_range=0.2", f"train.lora_rank={RANK}", f"train.lora_alpha={ALPHA}",
                  "train.checkpoint_every=0", f"output_dir={work / 'run'}"]
-    trainer = GRPOTrainer(load_config(None, overrides))
+    trainer = make_trainer(load_config(None, overrides))
     history = trainer.fit(progress=False)
     assert len(history) == 1 and history[0]["reward/std"] > 0  # distinct rewards: non-zero advantages
     final = trainer.save_final()

@@ -123,7 +123,7 @@ def test_trainer_with_cached_prompts_and_offloaded_encoders_matches_the_plain_ru
     """One GRPO iteration on the tiny SD3 (CFG 3): cache + offload, and precomputed embeddings with the encoders
     dropped, give the same rewards and losses as the plain run."""
     from flowalign.cli import main
-    from flowalign.training.grpo_trainer import GRPOTrainer
+    from flowalign.training import make_trainer
 
     prompt_file = tmp_path / "prompts.txt"
     prompt_file.write_text("\n".join(PROMPTS) + "\n")
@@ -132,13 +132,13 @@ def test_trainer_with_cached_prompts_and_offloaded_encoders_matches_the_plain_ru
                  f"train.prompt_file={prompt_file}", "--out", str(embeds)]) == 0
     base = [f"model.name={sd3_dir}", "model.local_files_only=true", "reward.weights={toy/ink: 1.0}",
             f"train.prompt_file={prompt_file}", "train.iterations=1", "train.prompts_per_iteration=2",
-            "train.group_size=2", "train.steps=3", "train.eval_prompts=0", "train.lora_rank=4",
+            "flow_grpo.group_size=2", "train.steps=3", "train.eval_prompts=0", "train.lora_rank=4",
             "train.checkpoint_every=0", "train.updates_per_iteration=1"]
     runs = []
     trainers = []
     for extra in ([], ["train.cache_prompts=true", "train.text_encoders=offload"],
                   [f"train.prompt_embeds={embeds}", "train.text_encoders=drop"]):
-        tr = GRPOTrainer(load_config(None, [*base, *extra, f"output_dir={tmp_path / str(len(runs))}"]))
+        tr = make_trainer(load_config(None, [*base, *extra, f"output_dir={tmp_path / str(len(runs))}"]))
         runs.append(tr.fit(progress=False)[0])
         trainers.append(tr)
     cache = trainers[1].prompt_cache  # each distinct prompt and the negative encoded once

@@ -129,22 +129,37 @@ def test_carinox_explores_seeds_with_multiclip_and_category_weights(toy_generato
 
 
 def test_cli_optimize_writes_outputs(tmp_path, capsys):
+    """The same config dialect as train: a YAML, key=value overrides and flags, in any order."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a handwritten seven\n\nthe digit 3\n")
     out = tmp_path / "run"
-    code = main(["optimize", "--method", "reno", "--prompt-file", str(prompts), "--reward", "toy/bold_digit",
-                 "--reward", "toy/ink:0.1", "--steps", "4", "--iterations", "3", "--out", str(out)])
+    code = main(["optimize", "--prompt-file", str(prompts), "reward.weights={toy/bold_digit: 1.0, toy/ink: 0.1}",
+                 "--out", str(out), "reno.steps=4", "reno.iterations=3"])
     assert code == 0
     assert (out / "best.png").stat().st_size > 0 and (out / "rewards.png").stat().st_size > 0
     assert sorted(p.name for p in (out / "iterations").iterdir()) == ["000.png", "001.png", "002.png"]
     rows = list(csv.DictReader(open(out / "rewards.csv")))
     assert len(rows) == 6 and rows[0]["prompt"] == "a handwritten seven" and float(rows[0]["noise_norm"]) > 0
     assert "best reward" in capsys.readouterr().out
-    assert main(["optimize", "--method", "best-of-n", "--prompt", "a one", "--reward", "toy/digit_match",
-                 "--steps", "2", "--n", "3", "--out", str(tmp_path / "bon")]) == 0
+    assert main(["optimize", "method=best-of-n", "--prompt", "a one", "reward.weights={toy/digit_match: 1}",
+                 "best_of_n.steps=2", "best_of_n.n=3", "--out", str(tmp_path / "bon")]) == 0
     assert len(list(csv.DictReader(open(tmp_path / "bon" / "rewards.csv")))) == 3
     capsys.readouterr()
-    assert main(["optimize", "--prompt", "a one", "--reward", "toy/digit_match", "--steps", "2",
+    assert main(["optimize", "--prompt", "a one", "reward.weights={toy/digit_match: 1}", "reno.steps=2",
                  "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("flowalign: error: reno: reward 'toy/digit_match' is not differentiable")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["method=carinox"], "section 'reno' holds options of method reno, but method is carinox"),
+    (["reno.lr=.nan"], "reno.lr: expected a finite number, got nan"),
+    (["reno.iterations=0"], "reno.iterations: 0 is out of range"),
+    (["reno.learning_rate=3"], "unknown key 'reno.learning_rate'"),
+    (["reward.weights={toy/nope: 1}"], "reward.weights: unknown reward 'toy/nope'"),
+    (["method=sgd"], "method: expected one of 'reno', 'carinox', 'best-of-n'"),
+])
+def test_optimize_config_errors_are_one_line(overrides, message, capsys):
+    assert main(["optimize", "configs/reno/toy_digits.yaml", "--prompt", "a seven", *overrides]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err

@@ -5,6 +5,7 @@ top-level ``rewards`` or ``samplers`` module.
 Each install goes into a fresh virtual environment that borrows the heavy dependencies (torch, diffusers, ...)
 from this one through a ``.pth`` line, so nothing is downloaded; the check runs from an empty folder, where
 the repository's own folders cannot be picked up by accident."""
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -19,6 +20,8 @@ import importlib, sys
 import flowalign, flowalign.rewards, flowalign.samplers, flowalign.app, flowalign.rewards.toy
 from flowalign import rewards
 assert rewards.load("toy/ink").name == "toy/ink"  # package data (toy weights) and the registry's module paths
+import flowalign.methods, flowalign.training
+assert {"flow_grpo", "dragon"} <= set(flowalign.methods.methods()) and "kl" in flowalign.methods.modifiers()
 for top in ("rewards", "samplers", "app"):
     try:
         importlib.import_module(top)
@@ -54,9 +57,11 @@ def _check(python: Path, cwd: Path) -> str:
 
 @pytest.mark.slow
 def test_wheel_installs_one_namespace(tmp_path):
-    dist = tmp_path / "dist"
+    dist, source = tmp_path / "dist", tmp_path / "source"  # a copy: building leaves build/ in the source tree
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".venv", ".git", "build", "dist", "outputs", "runs",
+                                                                "*.egg-info", "__pycache__", ".pytest_cache"))
     proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
-                           str(dist), str(REPO)], capture_output=True, text=True)
+                           str(dist), str(source)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     wheel = next(dist.glob("flowalign-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()

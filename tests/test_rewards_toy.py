@@ -84,7 +84,8 @@ def test_clipscore_loads_an_open_clip_folder_by_path(held_out):
     by_path = rewards.load("clipscore", model=str(WEIGHTS / "clip"))
     images, labels = held_out
     prompts = [caption(int(d)) for d in labels[:20]]
-    assert torch.allclose(by_path.score(images[:20], prompts), rewards.load("toy/clipscore").score(images[:20], prompts))
+    assert torch.allclose(by_path.score(images[:20], prompts),
+                          rewards.load("toy/clipscore").score(images[:20], prompts))
     with pytest.raises(rewards.RewardError, match="reward 'clipscore': cannot load"):
         rewards.load("clipscore", model="local-dir:/no/such/folder")
 

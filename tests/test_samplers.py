@@ -43,7 +43,7 @@ def test_logp_is_the_normal_log_density(schedule, reduce):
 
 
 def test_flow_grpo_matches_the_anchor_formulas():
-    """§0/§1: expanded mean, std a·sqrt(σ/(1-σ))·sqrt(|Δσ|), σ = 1 handled with σ_next in the denominator."""
+    """Flow-GRPO's expanded mean, std a·sqrt(σ/(1-σ))·sqrt(|Δσ|), σ = 1 handled with σ_next in the denominator."""
     a, x, v = 0.7, torch.randn(2, 8), torch.randn(2, 8)
     for s, s_next in [(0.8, 0.6), (1.0, 0.9)]:
         g = a * math.sqrt(s / (1 - (s_next if s == 1.0 else s)))

@@ -22,7 +22,8 @@ from flowalign.generators.sd import (
 )
 from flowalign.generators.sdxl import StableDiffusionXLGenerator
 from flowalign.samplers.kernels import ddim, step
-from flowalign.training.grpo_trainer import GRPOTrainer
+from flowalign.training import make_trainer
+from flowalign.training.trainer import Trainer
 
 PROMPTS = ["a photo of a cat", "a red apple"]
 STEPS, GUIDANCE = 4, 5.0
@@ -175,20 +176,20 @@ def test_bad_input_is_a_flowalign_error(tmp_path, gen):
 
 # ------------------------------------------------------------------ GRPO + LoRA in the diffusers format
 
-def grpo(family: tuple[str, Path], work: Path, *extra: str) -> GRPOTrainer:
+def grpo(family: tuple[str, Path], work: Path, *extra: str) -> Trainer:
     prompt_file = work / "prompts.txt"
     prompt_file.write_text("\n".join(PROMPTS + ["a dog on the grass"]) + "\n")
     overrides = [f"model.name={family[1]}", "model.local_files_only=true", "reward.weights={toy/ink: 1.0}",
                  f"train.prompt_file={prompt_file}", "train.iterations=1", "train.prompts_per_iteration=2",
-                 "train.group_size=2", "train.steps=3", "train.guidance=3.0", "train.eval_prompts=0",
+                 "flow_grpo.group_size=2", "train.steps=3", "train.guidance=3.0", "train.eval_prompts=0",
                  "train.rollout_batch=4", "train.train_batch=4", "train.updates_per_iteration=1",
                  "train.lr=1e-2", "train.lora_rank=4", "train.lora_alpha=8.0", "train.checkpoint_every=0",
                  f"output_dir={work / 'run'}", *extra]
-    return GRPOTrainer(load_config(None, overrides))
+    return make_trainer(load_config(None, overrides))
 
 
 @pytest.fixture(scope="module")
-def trained(family, tmp_path_factory) -> tuple[GRPOTrainer, Path]:
+def trained(family, tmp_path_factory) -> tuple[Trainer, Path]:
     """One GRPO iteration (ink reward, 3 steps, LoRA); the trainer and its ``final/``."""
     trainer = grpo(family, tmp_path_factory.mktemp(f"grpo_{family[0]}"))
     history = trainer.fit(progress=False)
@@ -231,7 +232,7 @@ def test_bf16_weights_train_with_fp32_log_probs(family, tmp_path):
         pytest.skip("same code path as sd15")
     trainer = grpo(family, tmp_path, "model.dtype=bfloat16")
     assert trainer.gen.dtype == torch.bfloat16
-    rollout = trainer.rollout(0)[0]
+    rollout = trainer.rollout(0).rollout
     assert rollout.logp.dtype == rollout.mean.dtype == torch.float32 and torch.isfinite(rollout.logp).all()
     history = trainer.fit(progress=False)
     assert all(torch.isfinite(torch.tensor(v)) for k, v in history[0].items() if k != "iteration")

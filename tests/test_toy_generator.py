@@ -69,6 +69,7 @@ def test_unknown_toy_model_is_one_line():
         flowalign.load_generator("toy/cats")
 
 
+@pytest.mark.slow
 def test_samples_are_the_prompted_digit(toy_generator):
     """The Must-show bar: at default steps and CFG the classifier agrees with the prompt on >= 90% of 500
     samples with balanced digits (a seed other than the demo's)."""

@@ -13,7 +13,7 @@ import torch
 
 from ..errors import FlowalignError
 from ..generators.base import Generator
-from .reno import OptimizeResult, Progress, render, score_selection, tile
+from .noise import OptimizeResult, Progress, render, score_selection, tile
 
 
 def candidates_for_budget(nfe_budget: int, steps: int, prompts: int) -> int:

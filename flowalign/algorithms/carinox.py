@@ -22,18 +22,8 @@ import torch
 
 from ..errors import FlowalignError
 from ..generators.base import Generator
-from .reno import (
-    NoiseRun,
-    OptimizeResult,
-    Progress,
-    ReNOConfig,
-    finish_render,
-    render,
-    reward_parts,
-    run_noise_optimization,
-    score_selection,
-    tile,
-)
+from .noise import NoiseRun, OptimizeResult, Progress, finish_render, render, reward_parts, score_selection, tile
+from .reno import ReNOConfig, run_noise_optimization
 
 CARINOX_SEEDS = [0, 94, 58, 45, 15]
 #: CARINOX's reward weights w_i (final code), in this toolkit's names (VQAScore and DA-score are plug-ins).
@@ -129,7 +119,8 @@ def run_carinox(gen: Generator, prompts: list[str], reward, config: ReNOConfig, 
     mr = torch.tensor([int(mrows[i]) * b + i for i in range(b)])
     result.matched = {"iterations": m["iterations"], "rewards": m["rewards"][mr], "images": m["images"][mr],
                       "nfe": explore_nfe + top * b * (steps * m["iterations"]
-                                                      + (steps if config.truncate is None else min(steps, config.truncate))
+                                                      + (steps if config.truncate is None
+                                                         else min(steps, config.truncate))
                                                       * len(names) * max(0, m["iterations"] - 1))}
     finish_render(gen, result, reward, config, cond, metadata, mult)
     yield Progress("carinox", "done", len(run.rewards), config.iterations, run.rewards[-1], result.rewards, None,

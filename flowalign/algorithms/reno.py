@@ -21,14 +21,24 @@ Recomputed forwards of gradient checkpointing are counted apart too (``nfe_recom
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from dataclasses import dataclass
+from typing import Iterator, Literal
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import FlowalignError
 from ..generators.base import Conditioning, Generator
+from ..typed import bounded
+from .noise import (
+    IterationState,
+    NoiseRun,
+    OptimizeResult,
+    Progress,
+    finish_render,
+    require_differentiable,
+    reward_parts,
+)
 
 #: ReNO's reward weights (arXiv 2406.04312, ``arguments.py``), in this toolkit's reward names. Each
 #: ReNO loss is "constant - score", so the weights carry over to the scores: HPSv2.1 cos ×5, ImageReward
@@ -40,24 +50,26 @@ RENO_WEIGHTS = {"hpsv2.1": 5.0, "imagereward": 1.0, "clipscore": 0.01, "pickscor
 class ReNOConfig:
     """ReNO's options; the defaults are the published ones."""
 
-    iterations: int = 50
-    lr: float = 5.0
-    optimizer: str = "sgd"             # "sgd" (Nesterov) | "adam" (eps 1e-2, as in ReNO's code)
-    momentum: float = 0.9
-    grad_clip: float = 0.1             # max gradient norm per row (<= 0: off)
-    reg_weight: float = 0.01           # λ of the χ-norm regulariser (0: off)
-    steps: int | None = None           # ODE steps during optimisation (model default if None)
-    render_steps: int | None = None    # steps to render the best noise at the end ("optimise few, render many")
-    guidance: float | None = None      # CFG scale (model default if None)
+    iterations: int = bounded(50, min=1, max=100_000)
+    lr: float = bounded(5.0, min=1e-12, doc="learning rate of the noise")
+    optimizer: Literal["sgd", "adam"] = bounded("sgd", doc="sgd (Nesterov) or adam (eps 1e-2, as ReNO's code)")
+    momentum: float = bounded(0.9, min=0.0, max=1.0)
+    grad_clip: float = bounded(0.1, doc="max gradient norm per row (<= 0: off)")
+    reg_weight: float = bounded(0.01, min=0.0, doc="lambda of the chi-norm regulariser (0: off)")
+    steps: int | None = bounded(None, min=1, max=1000, doc="ODE steps while optimising (model default if unset)")
+    render_steps: int | None = bounded(None, min=1, max=1000, doc="steps to render the best noise with at the end")
+    guidance: float | None = bounded(None, min=0.0, max=100.0, doc="CFG scale (model default if unset)")
     negative_prompt: str = ""
-    checkpointing: bool = False        # torch.utils.checkpoint around each velocity call, the decoder, each reward
-    truncate: int | None = None        # backpropagate through the last K ODE steps only
-    keep_images: bool = True           # keep every iteration's images (for the app / the CLI)
+    checkpointing: bool = bounded(False, doc="torch.utils.checkpoint around each velocity call, the decoder, "
+                                  "each reward (less memory)")
+    truncate: int | None = bounded(None, min=1, doc="backpropagate through the last K ODE steps only")
+    keep_images: bool = bounded(True, doc="keep every iteration's images (for the app / the CLI)")
     # CARINOX-style options
-    multiclip: bool = False            # clip each reward's gradient separately before summing
-    reg_per_reward: bool = True        # with multiclip: add the regulariser inside each reward's term (CARINOX)
+    multiclip: bool = bounded(False, doc="clip each reward's gradient separately before summing")
+    reg_per_reward: bool = bounded(True, doc="with multiclip: the regulariser inside each reward's term (CARINOX)")
 
     def check(self) -> None:
+        """The same bounds for library callers (a config file is checked when it is read)."""
         if self.optimizer not in ("sgd", "adam"):
             raise FlowalignError(f"optimizer: expected 'sgd' or 'adam', got '{self.optimizer}'")
         for name in ("iterations", "steps", "render_steps", "truncate"):
@@ -66,57 +78,6 @@ class ReNOConfig:
                 raise FlowalignError(f"{name}: expected an integer >= 1, got {value}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise FlowalignError(f"lr: expected a positive number, got {self.lr}")
-
-
-@dataclass
-class IterationState:
-    """One iteration of a noise optimisation, for progress reporting."""
-
-    iteration: int
-    total: int
-    rewards: torch.Tensor                      # [N] selection reward of this iterate
-    parts: dict[str, torch.Tensor]             # each reward's raw score, [N]
-    images: torch.Tensor | None                # [N,3,H,W] (detached, CPU) when keep_images
-    noise_norm: torch.Tensor                   # [N] ||ε||
-    best_rewards: torch.Tensor                 # [N] best so far
-    nfe: int                                   # forward + backward NFEs so far
-
-
-@dataclass
-class NoiseRun:
-    """Everything one noise optimisation found, row by row (best by the selection reward)."""
-
-    best_noise: torch.Tensor
-    best_images: torch.Tensor
-    best_rewards: torch.Tensor
-    best_parts: dict[str, torch.Tensor]
-    best_iteration: torch.Tensor
-    rewards: list[torch.Tensor] = field(default_factory=list)
-    parts: list[dict[str, torch.Tensor]] = field(default_factory=list)
-    images: list[torch.Tensor] = field(default_factory=list)
-    noise_norms: list[torch.Tensor] = field(default_factory=list)
-    nfe_forward: int = 0
-    nfe_backward: int = 0
-    nfe_recompute: int = 0
-    stopped: str | None = None
-    #: the best within the first ``matched_iterations`` iterations (CARINOX's compute-matched "i30")
-    matched: dict | None = None
-
-
-def reward_parts(reward) -> tuple[dict[str, object], dict[str, float]]:
-    """The parts and weights of a reward: a CompositeReward's own, or ``{name: reward}`` with weight 1."""
-    parts = getattr(reward, "parts", None)
-    if parts is not None and hasattr(reward, "weights"):
-        return dict(parts.items()), dict(reward.weights)
-    return {reward.name: reward}, {reward.name: 1.0}
-
-
-def require_differentiable(parts: dict[str, object], method: str) -> None:
-    """One line naming the first reward that gives no gradient."""
-    for name, reward in parts.items():
-        if not getattr(reward, "differentiable", False):
-            raise FlowalignError(f"{method}: reward '{name}' is not differentiable (it needs gradients with "
-                                 "respect to the image; use --method best-of-n or a differentiable reward)")
 
 
 def chi_norm_nll(noise: torch.Tensor) -> torch.Tensor:
@@ -271,87 +232,6 @@ def _state(run: NoiseRun, it: int, total: int) -> IterationState:
                           run.noise_norms[-1], run.best_rewards.clone(), run.nfe_forward + run.nfe_backward)
 
 
-@torch.no_grad()
-def render(gen: Generator, noise: torch.Tensor, cond: Conditioning, steps: int, guidance: float) -> torch.Tensor:
-    """Decoded ODE samples from ``noise`` (no graph)."""
-    from ..samplers import euler_ode
-
-    sigmas = gen.sigmas(steps)
-    x = euler_ode(lambda x, s: gen.velocity(x, s, cond, guidance), gen.initial_state(noise, sigmas[0]), sigmas)
-    return gen.decode(x)
-
-
-@torch.no_grad()
-def score_selection(reward, images: torch.Tensor, prompts: list[str], metadata: list[dict] | None,
-                    selection_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The selection reward ([N]) and each part's score, without gradients."""
-    parts, part_weights = reward_parts(reward)
-    names = list(parts)
-    scores = {k: parts[k].score(images, prompts, metadata).float().cpu() for k in names}
-    stacked = torch.stack([scores[k] for k in names], dim=1)
-    if selection_weights is None:
-        selection_weights = torch.tensor([[part_weights[k] for k in names]], dtype=torch.float32)
-    return (stacked * selection_weights.cpu()).sum(1), scores
-
-
-ProgressFn = Callable[[IterationState], None]
-
-
-@dataclass
-class Progress:
-    """What an optimisation reports after each iteration (for a progress bar or the app's live view).
-
-    Row r of ``rewards`` / ``images`` is the run for prompt ``row_prompt[r]`` from seed ``row_seed[r]``."""
-
-    method: str
-    stage: str                         # "optimize" | "explore" | "sample" | "render"
-    iteration: int                     # 1-based count within the stage
-    total: int
-    rewards: torch.Tensor              # [R] this iterate's selection reward per row
-    best: torch.Tensor                 # [B] the best reward so far per prompt
-    images: torch.Tensor | None        # [R,3,H,W] this iterate's images
-    nfe: int                           # forward + backward model evaluations so far
-    result: "OptimizeResult | None" = None   # set on the last report
-
-
-@dataclass
-class OptimizeResult:
-    """The outcome of ``flowalign.optimize``: the best image per prompt and how it was found."""
-
-    method: str
-    prompts: list[str]
-    images: torch.Tensor               # [B,3,H,W] best image per prompt (rendered with render_steps if set)
-    rewards: torch.Tensor              # [B] its selection reward (at the optimisation steps)
-    parts: dict[str, torch.Tensor]     # each reward's raw score of the best image, [B]
-    noise: torch.Tensor                # [B,*latent] the best initial noise
-    best_iteration: torch.Tensor       # [B] the iteration (ReNO/CARINOX) or candidate (best-of-N) it came from
-    best_seed: list[int]
-    trajectory: torch.Tensor           # [I,R] selection reward of every iterate of every row
-    noise_norms: torch.Tensor | None   # [I,R] ||ε|| per iterate (None for best-of-N)
-    iteration_images: list[torch.Tensor]   # per iteration [R,3,H,W] (empty when keep_images=False)
-    row_prompt: list[int]
-    row_seed: list[int]
-    nfe_forward: int
-    nfe_backward: int
-    nfe_recompute: int = 0
-    render_rewards: torch.Tensor | None = None   # [B] the reward of the re-rendered best image
-    stopped: str | None = None
-    matched: dict | None = None        # CARINOX: the best within the compute-matched iteration budget
-
-    @property
-    def nfe(self) -> int:
-        """Model evaluations: forward passes plus backward passes (a backward counted as one NFE)."""
-        return self.nfe_forward + self.nfe_backward
-
-    @property
-    def image(self) -> torch.Tensor:
-        return self.images[0]
-
-    @property
-    def reward(self) -> float:
-        return float(self.rewards[0])
-
-
 def run_reno(gen: Generator, prompts: list[str], reward, config: ReNOConfig, seed: int = 0,
              metadata: list[dict] | None = None) -> Iterator[Progress]:
     """ReNO on each prompt from the noise of ``seed`` (row i: ``gen.initial_noise(B, seed)[i]``, as
@@ -376,23 +256,3 @@ def run_reno(gen: Generator, prompts: list[str], reward, config: ReNOConfig, see
                    None, result.nfe, result)
 
 
-def finish_render(gen: Generator, result: OptimizeResult, reward, config: ReNOConfig, cond: Conditioning,
-                  metadata: list[dict] | None, selection_weights: torch.Tensor | None = None) -> None:
-    """"Optimise with few steps, render with many": re-render the best noise with ``render_steps``."""
-    if not config.render_steps or config.render_steps == (config.steps or gen.default_steps):
-        return
-    guidance = gen.default_guidance if config.guidance is None else config.guidance
-    images = render(gen, result.noise.to(gen.device), cond, config.render_steps, guidance)
-    result.render_rewards, _ = score_selection(reward, images, result.prompts, metadata, selection_weights)
-    result.images = images.cpu()
-    result.nfe_forward += config.render_steps * len(result.prompts)
-
-
-def tile(cond: Conditioning, k: int) -> Conditioning:
-    """The whole batch ``k`` times over (row ``c·B + i`` is prompt i): the layout of seeds × prompts."""
-    if k == 1:
-        return cond
-    rep = lambda t: t.repeat(k, *[1] * (t.ndim - 1))  # noqa: E731
-    return Conditioning(list(cond.prompts) * k, {n: rep(v) for n, v in cond.positive.items()},
-                        None if cond.negative is None else {n: rep(v) for n, v in cond.negative.items()},
-                        dict(cond.extras))

@@ -7,8 +7,9 @@ import torch
 
 from ..errors import FlowalignError
 from .base import Conditioning, Generator
+from .prompt_cache import PromptCache
 
-__all__ = ["Conditioning", "Generator", "load_generator"]
+__all__ = ["Conditioning", "Generator", "PromptCache", "load_generator", "toy_world"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -34,7 +35,8 @@ def load_generator(name_or_path: str = "toy/digits", dtype: str | torch.dtype = 
         from .toy_video import ToyVideoGenerator
 
         if set(options) - {"num_frames", "size"}:
-            raise FlowalignError(f"model '{name_or_path}': unknown option '{sorted(set(options) - {'num_frames', 'size'})[0]}' "
+            raise FlowalignError(f"model '{name_or_path}': unknown option "
+                                 f"'{sorted(set(options) - {'num_frames', 'size'})[0]}' "
                                  "for the toy video model (allowed: num_frames, size)")
         return ToyVideoGenerator.from_pretrained(VIDEO_WEIGHTS if name_or_path == "toy/video" else name_or_path,
                                                  device=device, dtype=dtype, **options)
@@ -68,6 +70,19 @@ def load_generator(name_or_path: str = "toy/digits", dtype: str | torch.dtype = 
     _check_options(adapter, options, name_or_path)
     return adapter.from_pretrained(name_or_path, dtype=dtype, device=device, local_files_only=local_files_only,
                                    **options)
+
+
+def toy_world(name_or_path: str) -> str | None:
+    """The toy world (``digits``, ``video``, ``music``) a model name or folder is, None for a real pipeline; reads
+    only small files, so runs can be checked before any weights load."""
+    if name_or_path in ("toy/digits", "toy/video", "toy/music"):
+        return name_or_path.removeprefix("toy/")
+    if (Path(name_or_path) / "toy_music.json").is_file():
+        return "music"
+    transformer = _toy_transformer(name_or_path)
+    if transformer is not None:
+        return "video" if transformer == "WanTransformer3DModel" else "digits"
+    return None
 
 
 def _check_options(adapter: type, options: dict, name_or_path: str) -> None:
@@ -107,5 +122,6 @@ def _pipeline_class(name_or_path: str, local_files_only: bool) -> str:
         try:
             index = Path(hf_hub_download(name_or_path, "model_index.json", local_files_only=local_files_only))
         except Exception as err:  # network, missing repo, offline cache miss
-            raise FlowalignError(f"model '{name_or_path}': cannot read model_index.json ({type(err).__name__})") from None
+            raise FlowalignError(f"model '{name_or_path}': cannot read model_index.json "
+                                 f"({type(err).__name__})") from None
     return json.loads(index.read_text()).get("_class_name", "?")

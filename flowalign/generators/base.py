@@ -1,4 +1,4 @@
-"""The Generator interface every model family implements (DESIGN.md).
+"""The Generator interface every model family implements (docs/generators.md).
 
 Flow convention throughout: ``x_σ = (1-σ)·x0 + σ·ε`` and the velocity ``v ≈ ε - x0``, so one Euler
 step is ``x_next = x + (σ_next - σ)·v``. Adapters of ε- or v-prediction models convert to this.
@@ -88,7 +88,8 @@ class Generator(ABC):
 
     @abstractmethod
     def decode(self, x: torch.Tensor) -> torch.Tensor:
-        """Latents to media: image ``[B,3,H,W]`` in [0,1], video ``[B,F,3,H,W]`` in [0,1], audio ``[B,C,L]`` in [-1,1]."""
+        """Latents to media: image ``[B,3,H,W]`` in [0,1], video ``[B,F,3,H,W]`` in [0,1],
+        audio ``[B,C,L]`` in [-1,1]."""
 
     @property
     @abstractmethod

@@ -89,7 +89,8 @@ class ToyVideoGenerator(Generator):
 
     def predict(self, x: torch.Tensor, sigma: torch.Tensor, embeds: dict[str, torch.Tensor]) -> torch.Tensor:
         dtype = self.transformer.dtype
-        out = self.forward_module(hidden_states=position_channels(x.to(dtype)), timestep=sigma * self.scheduler.config.num_train_timesteps,
+        out = self.forward_module(hidden_states=position_channels(x.to(dtype)),
+                                  timestep=sigma * self.scheduler.config.num_train_timesteps,
                                   encoder_hidden_states=embeds["prompt_embeds"].to(dtype), return_dict=False)[0]
         return out.float()
 

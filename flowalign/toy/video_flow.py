@@ -89,7 +89,8 @@ def train_video_flow(out_dir: str | Path, cfg: VideoFlowTrainConfig = VideoFlowT
         s = sigma.view(-1, 1, 1, 1, 1)
         x_t = (1 - s) * x0 + s * noise
         embeds, _ = text(prompts)
-        v = transformer(hidden_states=position_channels(x_t), timestep=sigma * 1000, encoder_hidden_states=embeds).sample
+        v = transformer(hidden_states=position_channels(x_t), timestep=sigma * 1000,
+                        encoder_hidden_states=embeds).sample
         loss = F.mse_loss(v, noise - x0)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from ..config import GRPOConfig
+from ..config import TrainConfig
 from ..errors import FlowalignError
 
 
@@ -20,7 +20,8 @@ def read_prompt_file(path: str | Path) -> list[str]:
     return lines
 
 
-#: Toy world (a generator's ``toy_world``) -> its prompt module: ``sample_prompts``, ``TEMPLATES``, ``HELD_OUT_TEMPLATES``.
+#: Toy world (a generator's ``toy_world``) -> its prompt module: ``sample_prompts``, ``TEMPLATES``,
+#: ``HELD_OUT_TEMPLATES``.
 TOY_PROMPTS = {"digits": "flowalign.toy.prompts", "video": "flowalign.toy.video_prompts",
                "music": "flowalign.toy.music_prompts"}
 
@@ -38,7 +39,7 @@ def toy_prompts(world: str, n: int, seed: int, held_out: bool = False) -> tuple[
     return prompts, [m if isinstance(m, dict) else {"digit": m} if isinstance(m, int) else {} for m in meta]
 
 
-def iteration_prompts(cfg: GRPOConfig, iteration: int, file_prompts: list[str] | None = None,
+def iteration_prompts(cfg: TrainConfig, iteration: int, file_prompts: list[str] | None = None,
                       world: str = "digits") -> tuple[list[str], list[dict]]:
     """The iteration's ``prompts_per_iteration`` prompts (and metadata), identical on every process; without a
     prompt file, the toy ``world``'s training phrasings."""
@@ -50,10 +51,8 @@ def iteration_prompts(cfg: GRPOConfig, iteration: int, file_prompts: list[str] |
     return toy_prompts(world, cfg.prompts_per_iteration, seed)
 
 
-def local_trajectories(cfg: GRPOConfig, rank: int, world: int) -> list[int]:
-    """This process's trajectory indices; each process gets the same number."""
-    total = cfg.prompts_per_iteration * cfg.group_size
+def local_trajectories(total: int, rank: int, world: int) -> list[int]:
+    """This process's trajectory indices among ``total``; each process gets the same number."""
     if total % world:
-        raise FlowalignError(f"train.prompts_per_iteration x train.group_size = {total} must be divisible by the "
-                             f"number of processes ({world})")
+        raise FlowalignError(f"{total} samples per iteration must be divisible by the number of processes ({world})")
     return list(range(rank, total, world))

@@ -1,4 +1,4 @@
-"""Group-relative advantages (grpo_family.md §1, §2): z-scores of rewards within each prompt's group.
+"""Group-relative advantages (docs/methods/flow_grpo.md, dance_grpo.md): z-scores of rewards within each prompt's group.
 
 Flow-GRPO's ``PerPromptStatTracker``: ``A = (R - mean_prompt(R)) / (std + eps)`` with the std over the
 whole gathered batch (``global``) or per prompt; DanceGRPO: per group, unbiased std, eps 1e-8.

@@ -1,4 +1,4 @@
-"""The clipped-ratio policy loss of the GRPO family (from ddpo-pytorch; grpo_family.md §0)."""
+"""The clipped-ratio policy loss of the GRPO family (from ddpo-pytorch; docs/methods/flow_grpo.md)."""
 from __future__ import annotations
 
 import torch
@@ -25,8 +25,9 @@ def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: 
 
 
 def guard_log_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mean: torch.Tensor, old_mean: torch.Tensor,
-                    std: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """GRPO-Guard's ratio normalisation (grpo_family.md §1, implemented from the reference formula):
+                    std: torch.Tensor, sigma: torch.Tensor,
+                    sigma_next: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """GRPO-Guard's ratio normalisation (docs/methods/modifiers.md, implemented from the reference formula):
     ``b = mean((μ_θ - μ_old)²) / (2(g·sqrt(Δ̄))²)``, ``log r = (logp - logp_old + b)·sqrt(Δ̄)·g`` with ``g`` the
     step's diffusion coefficient and ``Δ̄ = mean(sqrt|Δσ|)²`` over the batch. Adding ``b`` centres the log-ratio
     (zero mean under the old policy) and the scaling puts every timestep on one scale. Returns ``log r`` and

@@ -1,0 +1,1 @@
+"""The GRPO family's shared maths: group advantages and the clipped-ratio loss."""

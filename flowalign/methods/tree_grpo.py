@@ -1,0 +1,95 @@
+"""Dynamic-TreeRPO (arXiv 2509.23352): a binary tree of trajectories inside a sliding SDE window.
+
+Per prompt a tree of depth ``tree_depth`` (2^depth leaves sharing prefixes) splits at the first steps of a
+sliding SDE window (MixGRPO's schedule), ODE outside; the noise of a depth-k node is scaled by
+``1 + depth_noise_beta·k/d``. A node's reward is the mean of the leaves below it, normalised among the nodes of
+its prompt and depth (BranchGRPO's per-depth advantages). With ``clip_dynamic`` each transition's clip bound
+is ``clip_low + (clip_high - clip_low)·tanh(clip_eta·|A|)``. LayerTuning-RL is the ``layer_tuning`` modifier.
+
+Paper-approximate (the paper gives the shapes, not the constants): the depth-noise form, the clip form.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from ..algorithms.grpo.advantages import node_advantages
+from ..algorithms.grpo.loss import reward_conditioned_clip
+from ..samplers.rollout import Node, Rollout
+from ..samplers.structures import linear_depth_noise, tree
+from ..typed import bounded
+from . import register_method
+from .base import require
+from .mix_grpo import sliding_window
+from .policy_gradient import PolicyGradientMethod, PolicyGradientOptions
+
+
+@dataclass
+class TreeGRPOOptions(PolicyGradientOptions):
+    tree_depth: int = bounded(4, min=1, max=8, doc="binary splits at the window's first steps (2^depth leaves)")
+    depth_noise_beta: float = bounded(0.5, min=0.0, doc="noise x (1 + beta*depth/d) (paper-approximate)")
+    window_kind: Literal["random", "progressive", "decay", "exp_decay", "fixed"] = "progressive"
+    window_size: int = bounded(4, min=1, doc="SDE steps in the window (at least tree_depth)")
+    window_dwell: int = bounded(25, min=1, doc="iterations before the window moves")
+    window_stride: int = bounded(1, min=1)
+    window_roll_back: bool = True
+    window_max_steps: int | None = bounded(None, min=1, doc="the window stays below this step (default steps - 1)")
+    clip_dynamic: bool = bounded(False, doc="reward-conditioned clip bounds (paper-approximate)")
+    clip_low: float = bounded(1e-4, min=0.0)
+    clip_high: float = bounded(1e-3, min=0.0)
+    clip_eta: float = bounded(1.0, min=0.0)
+    std: Literal["global", "group"] = "group"
+
+
+@register_method
+class TreeGRPO(PolicyGradientMethod):
+    name = "tree_grpo"
+    title = "Dynamic-TreeRPO"
+    paper = "arXiv 2509.23352"
+    Options = TreeGRPOOptions
+    shares_trunks = True
+    single_process = "a prompt's tree shares its prefixes"
+
+    @classmethod
+    def check(cls, options, train, modifiers) -> None:
+        last = options.window_max_steps or train.steps - 1
+        require(options.tree_depth <= last, f"tree_grpo.tree_depth: {options.tree_depth} splits need as many SDE "
+                f"steps below step {last} (train.steps={train.steps})")
+        require(options.window_size <= last, f"tree_grpo.window_size: {options.window_size} must be in [1, {last}] "
+                f"(the window stays below step {last} of train.steps={train.steps})")
+        require(options.clip_low <= options.clip_high, f"tree_grpo.clip_low ({options.clip_low}) must not exceed "
+                f"clip_high ({options.clip_high})")
+
+    @property
+    def samples_per_prompt(self) -> int:
+        return 2 ** self.options.tree_depth
+
+    def sde_window(self, iteration: int) -> list[int]:
+        """MixGRPO's sliding window, kept whole at the end of its range so every tree has ``tree_depth`` splits
+        (a window cut short there would silently give trees of fewer leaves)."""
+        o, T = self.options, self.train.steps
+        last, size = o.window_max_steps or T - 1, max(o.window_size, o.tree_depth)
+        window = sliding_window(o, self.train.seed, last, size=size).steps(iteration, T)
+        return window if len(window) == size else list(range(last - size, last))
+
+    def plan(self, sigmas: torch.Tensor, iteration: int, select: list[int] | None) -> tuple[list[Node], torch.Tensor]:
+        window = self.sde_window(iteration)
+        return tree(sigmas, self.train.prompts_per_iteration, window[:self.options.tree_depth], branching=2,
+                    sde_steps=window, depth_noise=linear_depth_noise(self.options.depth_noise_beta))
+
+    def credit(self, rollout: Rollout, leaf_advantages: torch.Tensor, leaf_rewards: torch.Tensor) -> torch.Tensor:
+        """A transition's advantage is its node's: the mean reward below it, normalised per prompt and depth
+        (skipped leaves, NaN rewards, left out)."""
+        o = self.options
+        valid = torch.isfinite(leaf_rewards)
+        adv = node_advantages(torch.where(valid, leaf_rewards, torch.zeros_like(leaf_rewards)),
+                              rollout.node_leaves & valid, rollout.node_group, std=o.std, eps=o.std_eps,
+                              unbiased=o.unbiased_std)
+        return adv[rollout.owner]
+
+    def clip_bound(self, advantages: torch.Tensor) -> float | torch.Tensor:
+        o = self.options
+        return reward_conditioned_clip(advantages, o.clip_low, o.clip_high, o.clip_eta) if o.clip_dynamic \
+            else o.clip_range

@@ -1,0 +1,81 @@
+"""The forward-process family's trainer (AC-Flow, ORW-CFM-W2, DRAGON, ...): on-policy ODE samples, scored,
+then the method's flow-matching objective at fresh noise levels. No SDE log-probs are needed."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..samplers.ode import euler_ode
+from ..seeds import derive_seed
+from .batch import IterationBatch
+from .lora import adapters_disabled
+from .prompts import local_trajectories
+from .trainer import Trainer
+
+
+class FlowMatchingTrainer(Trainer):
+    """Runs a ``FlowMatchingMethod``: samples and scores here, ``method.update`` trains."""
+
+    def sample(self, iteration: int) -> IterationBatch:
+        """This process's share of ``prompts_per_iteration × group_size`` ODE samples (CFG as configured)."""
+        t, gen = self.t, self.gen
+        prompts, meta = self.prompts(iteration)
+        cond = self.encode(prompts)
+        group = self.method.samples_per_prompt
+        total = t.prompts_per_iteration * group
+        select = torch.tensor(local_trajectories(total, self.acc.process_index, self.acc.num_processes))
+        sigmas = gen.sigmas(t.steps)
+        shared = torch.Generator().manual_seed(derive_seed(t.seed, iteration))
+        noise = gen.initial_state(gen.initial_noise(total, shared), sigmas[0])
+        latents = []
+        with torch.no_grad():
+            for chunk in select.split(t.rollout_batch):
+                c = cond.select(chunk // group)
+                latents.append(euler_ode(lambda x, s: gen.velocity(x, s, c, t.guidance),
+                                         noise[chunk.to(noise.device)], sigmas))
+        rows = (select // group).to(gen.device)
+        return IterationBatch(iteration, prompts, meta, cond, torch.cat(latents).float(), rows, select.to(gen.device),
+                              rows, nfe=t.steps * len(select))
+
+    def flow_points(self, batch: IterationBatch, draws: int, sample_index: torch.Tensor | None = None,
+                    salt: int = 0) -> dict[str, torch.Tensor]:
+        """``draws`` noise levels and noises per sample: ``x_σ = (1-σ)·x0 + σ·ε`` and the target ``u = ε - x0``.
+        Seeded by (seed, iteration, process), so a resumed run draws the same points."""
+        x0 = batch.leaves if sample_index is None else batch.leaves[sample_index]
+        n = x0.shape[0]
+        g = torch.Generator().manual_seed(derive_seed(self.t.seed, batch.iteration, 7, salt, self.acc.process_index))
+        if self.method.options.fm_sigma == "logit_normal":
+            sigma = torch.sigmoid(torch.randn(n * draws, generator=g))
+        else:
+            sigma = torch.rand(n * draws, generator=g)
+        eps = torch.randn((n * draws, *x0.shape[1:]), generator=g)
+        sigma, eps = sigma.to(x0.device), eps.to(x0.device)
+        owner = torch.arange(n, device=x0.device).repeat(draws)
+        s = sigma.view(-1, *([1] * (x0.ndim - 1)))
+        return {"x": (1 - s) * x0[owner] + s * eps, "sigma": sigma, "target": eps - x0[owner], "owner": owner}
+
+    def policy_velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond, reference: bool = False) -> torch.Tensor:
+        """The velocity the samples come from: CFG-guided when ``train.cfg`` (both branches carry the LoRA), so
+        fitting on-policy samples does not compound the guidance; ``reference``: LoRA off, no graph."""
+        guidance = self.t.guidance if self.t.cfg else 1.0
+        if not reference:
+            return self.gen.velocity(x, sigma, cond, guidance=guidance)
+        with torch.no_grad(), adapters_disabled(self.gen.trainable_module, self.lora):
+            return self.gen.velocity(x, sigma, cond, guidance=guidance)
+
+    def run_iteration(self, iteration: int) -> tuple[dict[str, float], IterationBatch]:
+        start = time.perf_counter()
+        batch = self.sample(iteration)
+        sampled = time.perf_counter()
+        metrics = {"nfe": float(batch.nfe * self.acc.num_processes)}
+        if self.method.scores_pointwise:
+            self.score(batch)
+            batch.all_rewards, _ = self.gathered(batch.rewards, batch)
+            metrics = self.reward_metrics(batch)
+        else:  # the method scores sets of samples itself
+            self.decode(batch)
+        scored = time.perf_counter()
+        stats = self.method.update(self, batch)
+        return {**metrics, **stats, "time/sampling": sampled - start, "time/reward": scored - sampled,
+                "time/training": time.perf_counter() - scored}, batch

@@ -1,0 +1,212 @@
+"""The GRPO family's trainer: SDE rollouts, group advantages, the clipped-ratio update.
+
+One iteration: prompts -> rollout (the method's plan on the rollout engine) -> decode and score ->
+gather -> group advantages -> the method's credit per stored transition -> clipped-ratio loss (+ the
+modifiers' terms) -> ``updates_per_iteration`` optimizer steps. Each trajectory's noise is keyed by its
+global index, so it is the same however trajectories are spread over processes.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+from accelerate.utils import DistributedType
+
+from ..algorithms.grpo.loss import clipped_policy_loss
+from ..errors import FlowalignError
+from ..samplers.kernels import step
+from ..samplers.rollout import Rollout, flatten_plan, run_plan
+from ..seeds import derive_seed
+from .batch import IterationBatch
+from .lora import adapters_disabled
+from .prompts import local_trajectories
+from .trainer import NonFiniteLoss, Trainer
+
+
+class PolicyGradientTrainer(Trainer):
+    """Runs a ``PolicyGradientMethod``: its plan, credit, step weights and clip bound, and its modifiers' hooks."""
+
+    def __init__(self, cfg, accelerator=None):
+        super().__init__(cfg, accelerator)
+        schedule = self.method.noise_schedule()
+        for modifier in self.modifiers:
+            schedule = modifier.noise_schedule(schedule)
+        self.schedule = schedule
+
+    # ------------------------------------------------------------------ sampling
+
+    def rollout(self, iteration: int) -> IterationBatch:
+        """Sample this process's share of the iteration with the current policy (no graph)."""
+        prompts, meta = self.prompts(iteration)
+        cond = self.encode(prompts)
+        sigmas = self.gen.sigmas(self.t.steps)
+
+        def velocity(x, sigma, rows):
+            return self.gen.velocity(x, sigma, cond.select(rows), guidance=self.t.guidance)
+
+        with torch.no_grad():
+            if self.method.shares_trunks:
+                rollout, ids, groups = self._shared_trunks(sigmas, iteration, velocity)
+            else:
+                rollout, ids, groups = self._independent(sigmas, iteration, velocity)
+        return IterationBatch(iteration, prompts, meta, cond, rollout.leaves, rollout.leaf_row, ids, groups,
+                              rollout.nfe, rollout=rollout)
+
+    def _shared_trunks(self, sigmas, iteration, velocity) -> tuple[Rollout, torch.Tensor, torch.Tensor]:
+        """One root per prompt (trunks shared by its trajectories, one process): leaf ids are leaf indices,
+        groups come from the plan."""
+        roots, rows = self.method.plan(sigmas, iteration, None)
+        shared = torch.Generator().manual_seed(derive_seed(self.t.seed, iteration))
+        x0 = self.gen.initial_state(self.gen.initial_noise(len(roots), shared), sigmas[0])
+        rollout = run_plan(velocity, roots, rows.to(self.gen.device), x0, self.schedule, shared,
+                           max_batch=self.t.rollout_batch)
+        return rollout, torch.arange(rollout.leaves.shape[0], device=self.gen.device), rollout.leaf_group
+
+    def _independent(self, sigmas, iteration, velocity) -> tuple[Rollout, torch.Tensor, torch.Tensor]:
+        """This process's share of ``prompts × group_size`` trajectories: leaf ids are global trajectory indices
+        (trajectory t belongs to prompt t // group_size), each trajectory's noise keyed by its index."""
+        t, gen, group = self.t, self.gen, self.method.options.group_size
+        tail = None
+        for modifier in self.modifiers:  # e.g. Flash: run to the window's end, finish with a solver
+            sigmas, tail = modifier.rollout_grid(sigmas, tail, self.method.sde_window(iteration))
+        total = t.prompts_per_iteration * group
+        select = local_trajectories(total, self.acc.process_index, self.acc.num_processes)
+        roots, rows = self.method.plan(sigmas, iteration, select)
+        shared = torch.Generator().manual_seed(derive_seed(t.seed, iteration))  # identical on every process
+        all_noise = gen.initial_state(gen.initial_noise(total, shared), sigmas[0])
+        share = self.method.shares_initial_noise
+        x0 = all_noise[rows * group] if share else all_noise[torch.tensor(select)]
+        key = _trajectory_keys(roots, select, share)
+
+        def noise_fn(nodes):
+            round_noise = torch.randn((total, *gen.latent_shape), generator=shared)
+            return round_noise[torch.tensor([key.get(id(n), 0) for n in nodes])]
+
+        rollout = run_plan(velocity, roots, rows.to(gen.device), x0, self.schedule, max_batch=t.rollout_batch,
+                           noise_fn=noise_fn)
+        for modifier in self.modifiers:
+            rollout = modifier.finish_rollout(rollout, tail, velocity, t.rollout_batch)
+        nodes = flatten_plan(roots)
+        ids = torch.tensor([key[id(nodes[i])] for i in rollout.leaf_node.tolist()], device=gen.device)
+        return rollout, ids, ids // group
+
+    # ------------------------------------------------------------------ advantages
+
+    def advantages(self, batch: IterationBatch) -> None:
+        """Gather every process's rewards, let the method turn them into advantages, take this process's share
+        back, and credit the stored transitions. Samples with a NaN reward (skipped) get advantage 0."""
+        all_rewards, position = self.gathered(batch.rewards, batch)
+        groups, _ = self.gathered(batch.leaf_groups, batch)
+        valid = torch.isfinite(all_rewards)
+        adv = torch.zeros_like(all_rewards)
+        if bool(valid.any()):
+            parts = {k: self.gathered(v, batch)[0][valid] for k, v in batch.reward_parts.items()} \
+                if self.cfg.reward.aggregate == "advantage" else None
+            adv[valid] = self.method.leaf_advantages(all_rewards[valid], groups[valid], parts, self.reward.weights)
+        batch.all_rewards, batch.leaf_advantages = all_rewards, adv[position]
+        batch.advantages = self.method.credit(batch.rollout, batch.leaf_advantages, batch.rewards)
+
+    # ------------------------------------------------------------------ the update
+
+    def update(self, batch: IterationBatch) -> dict[str, float]:
+        """The clipped-ratio updates over the stored transitions (``updates_per_iteration`` optimizer steps)."""
+        o, t, rollout = self.method.options, self.t, batch.rollout
+        for modifier in self.modifiers:
+            modifier.prepare(self, batch)
+        stats: dict[str, list[torch.Tensor]] = {}
+        old_logp = rollout.logp if o.old_logp == "rollout" else self.recompute_logp(batch)
+        for epoch in range(o.inner_epochs):
+            order = torch.arange(rollout.num_transitions)
+            if o.shuffle:
+                order = torch.randperm(rollout.num_transitions, generator=torch.Generator().manual_seed(
+                    derive_seed(t.seed, batch.iteration, epoch, self.acc.process_index)))
+            for chunk in order.chunk(t.updates_per_iteration):
+                self._accumulate(batch, chunk, old_logp, stats)
+                grad_norm = self.optimizer_step()
+                if grad_norm is not None:
+                    stats.setdefault("grad_norm", []).append(grad_norm)
+        return {k: torch.stack(v).float().mean().item() for k, v in stats.items()}
+
+    def _accumulate(self, batch: IterationBatch, chunk: torch.Tensor, old_logp: torch.Tensor,
+                    stats: dict[str, list[torch.Tensor]]) -> None:
+        """Gradients of one optimizer update, ``train_batch`` transitions per forward (synced on the last)."""
+        starts = list(range(0, len(chunk), self.t.train_batch))
+        if len(starts) > 1 and self.acc.distributed_type == DistributedType.DEEPSPEED:
+            raise FlowalignError(f"under DeepSpeed one optimizer update must be one minibatch: set "
+                                 f"train.train_batch >= {len(chunk)} (or raise train.updates_per_iteration)")
+        for start in starts:
+            idx = chunk[start:start + self.t.train_batch].to(batch.rollout.x.device)
+            sync = start == starts[-1]
+            with contextlib.nullcontext() if sync else self.acc.no_sync(self.gen.wrapped_module):
+                loss, parts = self.loss(batch, idx, old_logp[idx])
+                if not torch.isfinite(loss.detach()).item():
+                    raise NonFiniteLoss(f"loss is {loss.item()} at iteration {batch.iteration}")
+                if loss.requires_grad:  # False: only steps of an untrained Wan 2.2 expert here
+                    self.acc.backward(loss * len(idx) / len(chunk))
+            for k, v in parts.items():
+                stats.setdefault(k, []).append(v.detach())
+
+    def loss(self, batch: IterationBatch, idx: torch.Tensor, old_logp: torch.Tensor):
+        """The method's clipped-ratio loss on transitions ``idx`` plus the modifiers' terms, and its statistics."""
+        rollout, adv = batch.rollout, batch.advantages[idx]
+        v = self.velocity(batch, idx)
+        out = step(v, rollout.x[idx], rollout.sigma[idx], rollout.sigma_next[idx], schedule=self.schedule,
+                   prev_sample=rollout.x_next[idx], noise_scale=rollout.scale[idx])
+        shaped = [r for m in self.modifiers if (r := m.log_ratio(out, old_logp, rollout, idx)) is not None]
+        log_ratio, divisor = shaped[0] if shaped else (None, 1.0)
+        loss, stats = clipped_policy_loss(out.logp, old_logp, adv, self.method.clip_bound(adv),
+                                          self.method.options.adv_clip, weights=self.method.step_weights(out.std),
+                                          log_ratio=log_ratio)
+        loss = loss / divisor
+        for modifier in self.modifiers:
+            term = modifier.loss_term(self, batch, idx, v, out)
+            if term is not None:
+                loss = loss + term[0]
+                stats.update(term[1])
+        stats["policy_loss"] = loss.detach()
+        return loss, stats
+
+    def velocity(self, batch: IterationBatch, idx: torch.Tensor, reference: bool = False) -> torch.Tensor:
+        """The policy's velocity at stored transitions (guided when ``train.cfg``); ``reference``: LoRA off."""
+        cond = batch.cond.select(batch.rollout.row[idx])
+        guidance = self.t.guidance if self.t.cfg else 1.0
+        x, sigma = batch.rollout.x[idx], batch.rollout.sigma[idx]
+        if not reference:
+            return self.gen.velocity(x, sigma, cond, guidance=guidance)
+        with torch.no_grad(), adapters_disabled(self.gen.trainable_module, self.lora):
+            return self.gen.velocity(x, sigma, cond, guidance=guidance)
+
+    @torch.no_grad()
+    def recompute_logp(self, batch: IterationBatch) -> torch.Tensor:
+        """Old log-probs under the current policy, in the training batches (exactly on-policy at the first step)."""
+        rollout, out = batch.rollout, []
+        for start in range(0, rollout.num_transitions, self.t.train_batch):
+            idx = torch.arange(start, min(start + self.t.train_batch, rollout.num_transitions), device=rollout.x.device)
+            out.append(step(self.velocity(batch, idx), rollout.x[idx], rollout.sigma[idx], rollout.sigma_next[idx],
+                            schedule=self.schedule, prev_sample=rollout.x_next[idx],
+                            noise_scale=rollout.scale[idx]).logp)
+        return torch.cat(out)
+
+    def run_iteration(self, iteration: int) -> tuple[dict[str, float], IterationBatch]:
+        start = time.perf_counter()
+        batch = self.rollout(iteration)
+        sampled = time.perf_counter()
+        self.score(batch)
+        scored = time.perf_counter()
+        self.advantages(batch)
+        stats = self.update(batch)
+        times = {"time/sampling": sampled - start, "time/reward": scored - sampled,
+                 "time/training": time.perf_counter() - scored}
+        return {**self.reward_metrics(batch), **stats, **times}, batch
+
+
+def _trajectory_keys(roots, select: list[int], shared: bool) -> dict[int, int]:
+    """Node -> global trajectory index (the key of its noise); shared-prefix roots map to 0 (ODE steps)."""
+    if not shared:
+        return {id(root): t for root, t in zip(roots, select)}
+    keys, kids = {}, iter(select)
+    for root in roots:
+        for child in root.children:
+            keys[id(child)] = next(kids)
+    return keys

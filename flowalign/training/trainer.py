@@ -1,0 +1,262 @@
+"""The base trainer: what every method's training shares, on accelerate.
+
+It checks the run, loads the generator (policy = base + LoRA, or the full module), the rewards and the
+optimizer (EMA optional), runs the fit loop with logging, checkpoints completed iterations atomically,
+resumes them bit for bit, handles Ctrl-C and non-finite losses, and saves the final weights. The two
+families (``policy_gradient.py``: the GRPO family; ``flow_matching.py``: forward-process objectives) add
+sampling and the update; the method's own parts come from its file in ``flowalign/methods``.
+Every random draw derives from (seed, iteration), so a resumed run repeats the uninterrupted one.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from .. import methods
+from .. import rewards as reward_lib
+from ..checks import check_training
+from ..config import RunConfig
+from ..errors import FlowalignError
+from ..generators import load_generator, toy_world
+from ..generators.memory import place_text_encoders
+from . import checkpoint as ckpt
+from .batch import IterationBatch
+from .lora import add_lora, load_trainable_state, save_lora_diffusers, trainable_state
+from .prompts import iteration_prompts, read_prompt_file
+
+
+class NonFiniteLoss(Exception):
+    """Raised by an update whose loss is NaN or infinite; the loop stops with a checkpoint."""
+
+
+class Trainer:
+    """Holds the generator, the reward, the optimizer and the loop's state; ``run_iteration`` is the family's."""
+
+    def __init__(self, cfg: RunConfig, accelerator=None):
+        from accelerate import Accelerator
+
+        t = cfg.train
+        self.cfg, self.t, self.out = cfg, t, Path(cfg.output_dir)
+        precision = {"mixed_precision": t.mixed_precision} if t.mixed_precision else {}
+        self.acc = accelerator or Accelerator(log_with="tensorboard", project_dir=str(self.out), **precision)
+        check_training(cfg, self.acc.num_processes)  # before anything heavy loads
+        self.method = methods.build(cfg.method, cfg.options, t, cfg.modifiers)
+        self.modifiers = list(self.method.modifiers.values())
+        self.file_prompts = read_prompt_file(t.prompt_file) if t.prompt_file else None
+        self.world = toy_world(cfg.model.name) or "digits"
+        self.gen = load_generator(cfg.model.name, cfg.model.dtype, device=str(self.acc.device),
+                                  local_files_only=cfg.model.local_files_only, **cfg.model.options)
+        self.prompt_cache = place_text_encoders(self.gen, t.text_encoders, t.cache_prompts, t.prompt_embeds)
+        self.reward = reward_lib.load_weighted(cfg.reward.weights, cfg.reward.normalize,
+                                               **cfg.reward.options).to(self.acc.device)
+        self.reward.requires_grad_(False)  # frozen: kept out of accelerate's prepare
+        self.lora = t.lora_rank > 0
+        self._prepare_policy()
+        self.iteration, self.history = 0, []
+        self.method.setup(self)
+        if self.acc.is_main_process:
+            self.acc.init_trackers("flowalign")
+
+    def _prepare_policy(self) -> None:
+        """LoRA (seeded) or full fine-tuning, gradient checkpointing, AdamW, accelerate's prepare, EMA."""
+        t, module = self.t, self.gen.trainable_module
+        if self.lora:
+            with torch.random.fork_rng(devices=[]):  # the LoRA init depends on the seed only
+                torch.manual_seed(t.seed)
+                add_lora(module, t.lora_rank, t.lora_alpha, self.gen.lora_target_modules)
+        else:
+            module.requires_grad_(True).float()
+        if t.gradient_checkpointing:
+            module.enable_gradient_checkpointing()
+        module.train()
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(self.params, lr=t.lr, betas=(0.9, 0.999), weight_decay=t.weight_decay)
+        self.gen.wrapped_module, self.optimizer = self.acc.prepare(module, optimizer)
+        self.ema = None
+        if t.ema_decay > 0:
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(self.params, decay=t.ema_decay)
+
+    # ------------------------------------------------------------------ shared stages
+
+    def prompts(self, iteration: int) -> tuple[list[str], list[dict]]:
+        """The iteration's prompts and metadata (the same on every process)."""
+        return iteration_prompts(self.t, iteration, self.file_prompts, self.world)
+
+    def encode(self, prompts: list[str]):
+        negative = self.cfg.sample.negative_prompt if self.t.guidance != 1.0 else None
+        return self.gen.encode(prompts, negative_prompt=negative)
+
+    def decode(self, batch: IterationBatch) -> None:
+        """The leaves as media (images, clips, audio), ``rollout_batch`` at a time."""
+        size = self.t.rollout_batch
+        batch.media = torch.cat([self.gen.decode(batch.leaves[i:i + size])
+                                 for i in range(0, batch.leaves.shape[0], size)])
+
+    def score(self, batch: IterationBatch) -> None:
+        """Decode the leaves and score them into ``batch``; a failing reward follows ``reward.on_error``
+        (``skip``: this batch's rewards are NaN and those samples get advantage 0)."""
+        self.decode(batch)
+        try:
+            batch.rewards, batch.reward_parts = self.reward.score_parts(batch.media, batch.leaf_prompts,
+                                                                        batch.leaf_metadata())
+        except (reward_lib.RewardError, TimeoutError, OSError) as err:
+            if self.cfg.reward.on_error == "stop":
+                raise FlowalignError(f"reward failed at iteration {batch.iteration} ({err}); "
+                                     "stopping (set reward.on_error=skip to skip such samples)") from None
+            print(f"flowalign: warning: reward failed at iteration {batch.iteration} ({err}); "
+                  "skipping these samples")
+            batch.rewards = torch.full((batch.media.shape[0],), float("nan"), device=batch.media.device)
+            batch.reward_parts = {}
+
+    def gathered(self, local: torch.Tensor, batch: IterationBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every process's values of ``local`` ([L] per leaf) ordered by leaf id, and where this process's
+        leaves sit in that order."""
+        all_values, all_ids = self.acc.gather(local.contiguous()), self.acc.gather(batch.leaf_ids.contiguous())
+        order = torch.argsort(all_ids)
+        return all_values[order], torch.searchsorted(all_ids[order], batch.leaf_ids)
+
+    def reward_metrics(self, batch: IterationBatch) -> dict[str, float]:
+        """Mean and std of the gathered rewards (skipped samples left out), each part's mean, the NFEs."""
+        finite = batch.all_rewards[torch.isfinite(batch.all_rewards)]
+        parts = {f"reward/{name}": self.acc.gather(s.contiguous()).mean().item()
+                 for name, s in batch.reward_parts.items()} if len(batch.reward_parts) > 1 else {}
+        return {**parts, "reward/mean": finite.mean().item() if finite.numel() else float("nan"),
+                "reward/std": finite.std().item() if finite.numel() > 1 else 0.0,
+                "nfe": float(batch.nfe * self.acc.num_processes)}
+
+    def optimizer_step(self) -> torch.Tensor | None:
+        """Clip, step, zero, update the EMA; returns the gradient norm before clipping (if clipped; on the
+        device, so the hot loop does not wait for it)."""
+        grad_norm = self.acc.clip_grad_norm_(self.params, self.t.max_grad_norm) if self.t.max_grad_norm else None
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.step(self.params)
+        return None if grad_norm is None else torch.as_tensor(grad_norm).detach()
+
+    def run_iteration(self, iteration: int) -> tuple[dict[str, float], IterationBatch]:
+        """Sample, score, compute advantages and update; returns the metrics and the iteration's batch."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ the loop
+
+    def fit(self, resume: str | None = None, progress: bool = True) -> list[dict]:
+        from tqdm import tqdm
+
+        if resume:
+            self.resume(resume)
+        bar = tqdm(total=self.t.iterations, initial=self.iteration, desc=self.cfg.method,
+                   disable=not (progress and self.acc.is_main_process))
+        try:
+            while self.iteration < self.t.iterations:
+                start = time.perf_counter()
+                metrics, batch = self.run_iteration(self.iteration)
+                metrics["time/iteration"] = time.perf_counter() - start
+                metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+                self.history.append({"iteration": self.iteration, **metrics})
+                self.acc.log(metrics, step=self.iteration)
+                self.iteration += 1
+                bar.update(1)
+                bar.set_postfix(reward=f"{metrics['reward/mean']:.4f}")
+                if self.t.checkpoint_every and self.iteration % self.t.checkpoint_every == 0:
+                    self.save_checkpoint()
+                    self.log_samples(batch.media)
+        except KeyboardInterrupt:
+            path = self.save_checkpoint()
+            print(f"flowalign: interrupted; saved {path} (resume with --resume_from_checkpoint latest)")
+            raise SystemExit(130) from None
+        except NonFiniteLoss as err:
+            self.optimizer.zero_grad(set_to_none=True)
+            path = self.save_checkpoint()
+            raise FlowalignError(f"{err}: stopped; the last good state is in {path}") from None
+        finally:
+            bar.close()
+        return self.history
+
+    def log_samples(self, media: torch.Tensor | None) -> None:
+        """A grid of the latest samples in tensorboard (main process); video: a row of frames per clip."""
+        if not self.acc.is_main_process or media is None or self.gen.modality not in ("image", "video"):
+            return
+        from torchvision.utils import make_grid
+
+        try:
+            writer = self.acc.get_tracker("tensorboard", unwrap=True)
+        except (ValueError, AttributeError):
+            return
+        media, nrow = media[:16].float().cpu(), 8
+        if media.ndim == 5:  # video [B,F,3,H,W]
+            media, nrow = media[:8].flatten(0, 1), media.shape[1]
+        writer.add_image("samples", make_grid(media, nrow=nrow), self.iteration)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self) -> Path | None:
+        """Checkpoint the completed iterations (main process writes; everyone waits)."""
+        self.acc.wait_for_everyone()
+        weights = trainable_state(self.gen.trainable_module, self.lora, self._gathered_state())
+        extra_weights, extra_optimizers = self.method.extra_state(self)
+        path = None
+        if self.acc.is_main_process:
+            ema = {f"ema.{i}": p for i, p in enumerate(self.ema.shadow_params)} if self.ema else None
+            optimizers = {"policy": self.optimizer.state_dict(), **extra_optimizers}
+            state = {"history": self.history, "method": self.cfg.method,
+                     "reward_normalization": self.reward.normalization_state()}
+            path = ckpt.save_checkpoint(self.out / "checkpoints", self.iteration, {**weights, **extra_weights},
+                                        optimizers, state, ema, self.t.checkpoints_total_limit)
+        self.acc.wait_for_everyone()
+        return path
+
+    def _gathered_state(self) -> dict[str, torch.Tensor] | None:
+        """The full state dict under FSDP / DeepSpeed (a collective); None where the module holds it whole."""
+        from accelerate.utils import DistributedType
+
+        if self.acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            return self.acc.get_state_dict(self.gen.wrapped_module)
+        return None
+
+    def resume(self, which: str) -> None:
+        try:
+            path = ckpt.resolve(self.out / "checkpoints", which)
+        except FileNotFoundError as err:
+            raise FlowalignError(str(err)) from None
+        if path is None:
+            print(f"flowalign: no checkpoint under {self.out / 'checkpoints'}; starting from scratch")
+            return
+        weights, optimizers, state, ema = ckpt.load_checkpoint(path)
+        if state.get("method", self.cfg.method) != self.cfg.method:
+            raise FlowalignError(f"{path}: a checkpoint of method {state['method']}, but this run's method is "
+                                 f"{self.cfg.method}")
+        extra_names = set(self.method.extra_state(self)[0])
+        self.method.load_extra_state(self, {k: v for k, v in weights.items() if k in extra_names}, optimizers)
+        load_trainable_state(self.gen.trainable_module, {k: v.to(self.acc.device) for k, v in weights.items()
+                                                         if k not in extra_names}, self.lora)
+        self.optimizer.load_state_dict(optimizers["policy"])
+        if self.ema is not None and ema is not None:
+            for i, p in enumerate(self.ema.shadow_params):
+                p.copy_(ema[f"ema.{i}"])
+        self.reward.load_normalization_state(state.get("reward_normalization", {}))
+        self.iteration, self.history = state["iteration"], state["history"]
+
+    def save_final(self) -> Path:
+        """The final weights (the EMA's when kept): diffusers-format LoRA (``pipe.load_lora_weights``) or the
+        full module."""
+        final = self.out / "final"
+        self.acc.wait_for_everyone()
+        module = self.gen.trainable_module
+        if self.ema is not None:
+            self.ema.store(self.params)
+            self.ema.copy_to(self.params)
+        state = self._gathered_state()
+        if self.acc.is_main_process:
+            if self.lora:
+                save_lora_diffusers(module, final, state, *self.gen.lora_format)
+            else:
+                module.save_pretrained(final, state_dict=state)
+        if self.ema is not None:
+            self.ema.restore(self.params)
+        self.acc.wait_for_everyone()
+        return final
