@@ -1,10 +1,11 @@
-# Two commands: `make demo` and `make test`. Both create .venv when missing and install the project.
+# `make demo`, `make test` (what CI runs) and `make test-fast` (everyday work). Each creates .venv when missing
+# and installs the project.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test build-toy clean
+.PHONY: setup demo test test-fast lint build-toy clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -17,9 +18,15 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/flowalign train configs/toy/digits_flow_grpo.yaml
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+test: $(STAMP) lint
 	bash scripts/test_setup.sh
 	$(BIN)/python -m pytest -q tests
+
+test-fast: $(STAMP) lint
+	$(BIN)/python -m pytest -q -m "not slow" tests
 
 build-toy: $(STAMP)
 	$(BIN)/flowalign toy build
