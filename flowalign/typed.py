@@ -75,7 +75,9 @@ def _convert(value, typ, where: str, key: str):
                 pass
         raise fail
     if origin is Literal:
-        if value in args:
+        if value is False and "no" in args:  # YAML 1.1 reads an unquoted `no` as false
+            return "no"
+        if value in args and not (isinstance(value, bool) and True not in args):
             return value
         raise fail
     if origin is list:

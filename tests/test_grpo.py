@@ -214,3 +214,84 @@ def test_reward_conditioned_clip_bounds():
     logp = torch.log(torch.full((4,), 1.0005))  # every ratio 1.0005: clipped only where the bound is < 5e-4
     _, stats = clipped_policy_loss(logp, torch.zeros(4), adv, clip)
     assert stats["clip_fraction"].item() == 0.25  # only A = 0 keeps the low bound 1e-4
+
+
+def recorded_gradients(tr) -> list[torch.Tensor]:
+    """Record every optimizer update's gradient (before clipping) of a trainer."""
+    grads, step = [], tr.optimizer_step
+
+    def recording_step():
+        grads.append(torch.cat([p.grad.detach().flatten() for p in tr.params if p.grad is not None]).clone())
+        return step()
+
+    tr.optimizer_step = recording_step
+    return grads
+
+
+def test_kl_changes_the_update_once_the_policy_has_moved(tmp_path):
+    """KL to the LoRA-off base is 0 with a zero gradient at the start (LoRA B = 0), so iteration 0's updates are
+    the same with and without it; from iteration 1 the policy differs from the base and β > 0 changes them."""
+    runs = {}
+    for beta in (0.0, 1.0):
+        tr = trainer(tmp_path, "train.iterations=2", "train.updates_per_iteration=1",
+                     *([f"modifiers.kl.beta={beta}"] if beta else []), name=f"beta{beta}")
+        grads = recorded_gradients(tr)
+        runs[beta] = (tr.fit(progress=False), grads)
+    (_, plain), (kl_history, kl) = runs[0.0], runs[1.0]
+    torch.testing.assert_close(kl[0], plain[0], rtol=0, atol=1e-7)
+    assert kl_history[0]["kl"] == 0.0 and kl_history[1]["kl"] > 0
+    assert (kl[1] - plain[1]).norm() > 1e-3 * plain[1].norm()
+
+
+def test_bf16_autocast_is_engaged_where_asked(tmp_path):
+    """With train.mixed_precision=bf16 the policy's layers compute in bf16 during training (fp32 otherwise),
+    while the log-probs stay fp32."""
+    from accelerate.state import AcceleratorState
+
+    seen = {}
+    for precision in ("no", "bf16"):
+        AcceleratorState._reset_state(reset_partial_state=True)
+        tr = trainer(tmp_path, "train.iterations=1", f"train.mixed_precision={precision}", name=precision)
+        dtypes = set()
+        linear = next(m for m in tr.gen.trainable_module.modules() if isinstance(m, torch.nn.Linear))
+        handle = linear.register_forward_hook(lambda module, args, out: dtypes.add(out.dtype))
+        batch = tr.rollout(0)
+        tr.score(batch)
+        tr.advantages(batch)
+        dtypes.clear()
+        loss, _ = tr.loss(batch, torch.arange(4), batch.rollout.logp[:4])
+        handle.remove()
+        seen[precision] = (dtypes, loss.dtype, batch.rollout.logp.dtype)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    assert seen["no"] == ({torch.float32}, torch.float32, torch.float32)
+    assert seen["bf16"] == ({torch.bfloat16}, torch.float32, torch.float32)
+
+
+def test_ema_weights_differ_from_the_live_ones_and_are_the_ones_saved(tmp_path):
+    from safetensors.torch import load_file
+
+    tr = trainer(tmp_path, "train.iterations=3", "train.ema_decay=0.5")
+    tr.fit(progress=False)
+    live = [p.detach().clone() for p in tr.params]
+    shadow = [p.detach().clone() for p in tr.ema.shadow_params]
+    assert any(not torch.equal(a, b) for a, b in zip(live, shadow))
+    saved = load_file(str(tr.save_final() / "pytorch_lora_weights.safetensors"))
+    assert all(torch.equal(a, b) for a, b in zip(live, tr.params))  # the live weights are restored after saving
+    saved_values = sorted(v.flatten().sum().item() for v in saved.values())
+    shadow_values = sorted(v.flatten().sum().item() for v in shadow)
+    live_values = sorted(v.flatten().sum().item() for v in live)
+    assert saved_values == pytest.approx(shadow_values, rel=1e-6, abs=1e-9)
+    assert saved_values != pytest.approx(live_values, rel=1e-6, abs=1e-9)
+
+
+def test_gradient_checkpointing_is_on_and_changes_no_gradient(tmp_path):
+    """With train.gradient_checkpointing the transformer recomputes its blocks in the backward pass (diffusers'
+    flag is set) and the first update's gradient is the plain run's."""
+    grads = {}
+    for flag in (False, True):
+        tr = trainer(tmp_path, "train.iterations=1", "train.updates_per_iteration=1",
+                     f"train.gradient_checkpointing={str(flag).lower()}", name=str(flag))
+        assert tr.gen.trainable_module.is_gradient_checkpointing == flag
+        grads[flag] = recorded_gradients(tr)
+        tr.fit(progress=False)
+    torch.testing.assert_close(grads[True][0], grads[False][0], rtol=1e-4, atol=1e-6)

@@ -201,6 +201,26 @@ def test_clip_scores_follow_their_formulas(loaded, clip_dir):
     assert torch.allclose(scaled.score(media(), PROMPTS) * 26, pick.score(media(), PROMPTS), atol=1e-4)
 
 
+def test_clip_and_pickscore_equal_transformers_own_forward(loaded, clip_dir):
+    """Expected values from transformers' CLIPModel forward (its logits_per_image = exp(logit_scale)·cos), with the
+    image processor's normalisation constants, on images already at the model's size (no resampling to differ on):
+    nothing of the project's loading code is involved."""
+    from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+    model = CLIPModel.from_pretrained(clip_dir).eval()
+    processor = CLIPImageProcessor()  # its defaults are CLIP's normalisation constants
+    tokens = CLIPTokenizer.from_pretrained(clip_dir)(PROMPTS, padding=True, return_tensors="pt")
+    images = media((3, 3, 64, 64), seed=5)
+    mean = torch.tensor(processor.image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(processor.image_std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        logits = model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
+                       pixel_values=(images - mean) / std).logits_per_image.diagonal()
+    cos = logits / model.logit_scale.exp()
+    torch.testing.assert_close(loaded["pickscore"].score(images, PROMPTS), logits, rtol=0, atol=1e-4)
+    torch.testing.assert_close(loaded["clipscore-hf"].score(images, PROMPTS), 100 * cos, rtol=0, atol=1e-4)
+
+
 def test_hf_clip_checkpoint_layout(clip_dir):
     keys = set(load_file(str(clip_dir / "model.safetensors")))
     for key in ["text_model.embeddings.token_embedding.weight", "text_model.final_layer_norm.weight",
