@@ -24,6 +24,7 @@ def _toy_clipscore(**kw) -> Reward:
 BUILTIN: dict[str, str | Callable[..., Reward]] = {
     "toy/classifier": "flowalign.rewards.toy.classifier:DigitClassifierReward",
     "toy/digit_match": "flowalign.rewards.toy.classifier:DigitMatchReward",
+    "toy/judge_digit": "flowalign.rewards.toy.judge:JudgeDigitMatch",
     "toy/bold_digit": "flowalign.rewards.toy.classifier:BoldDigitReward",
     "toy/preference": "flowalign.rewards.toy.preference:ToyPreference",
     "toy/ink": "flowalign.rewards.toy.attributes:InkReward",

@@ -29,6 +29,9 @@ def test_reno_beats_best_of_n_at_equal_nfe(toy_generator, seed):
     torch.testing.assert_close(bon.trajectory[0], reno.trajectory[0], rtol=0, atol=1e-4)
     assert (reno.rewards > bon.rewards).all(), (reno.rewards, bon.rewards)
     assert reno.rewards.mean() > bon.rewards.mean() + 0.1 and reno.rewards.min() > 0.9
+    # judged by a model ReNO does not optimise: its images are still the prompted digits, not the classifier fooled
+    judge = flowalign.rewards.load("toy/judge_digit")
+    assert judge.score(reno.images, PROMPTS).mean() >= judge.score(bon.images, PROMPTS).mean() == 1.0
     # the best iterate (not the last) is returned
     assert torch.equal(reno.rewards, reno.trajectory.max(0).values)
     assert torch.equal(reno.best_iteration, reno.trajectory.argmax(0))
@@ -123,6 +126,8 @@ def test_carinox_explores_seeds_with_multiclip_and_category_weights(toy_generato
     # the seven's selection total counts the classifier twice
     seven = result.parts["toy/classifier"][0] * 2 + result.parts["toy/bold_digit"][0]
     assert torch.isclose(result.rewards[0], seven)
+    # the second judge, which CARINOX does not optimise, reads both best images as their prompted digits
+    assert flowalign.rewards.load("toy/judge_digit").score(result.images, PROMPTS[:2]).tolist() == [1.0, 1.0]
     with pytest.raises(flowalign.FlowalignError, match="category 'x'"):
         flowalign.optimize(toy_generator, "a one", "toy/ink", method="carinox", k=1, iterations=1, steps=2,
                            categorize=lambda p: "x", category_weights=table)

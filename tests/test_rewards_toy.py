@@ -145,3 +145,18 @@ def test_toy_preference_judges_pairs_like_its_hidden_utility():
     assert (judge.prefer(bold, rgb) > 0.5).float().mean() >= 0.75
     wins = judge.score(torch.cat([rgb[:4], bold[:4]]), None, [{"group": 0}] * 8)
     assert wins[4:].mean() > wins[:4].mean()
+
+
+def test_second_judge_reads_real_digits_and_is_a_different_model():
+    """toy/judge_digit, the metric the learning tests check gains with, reads held-out real digits as well as a
+    linear model can, and disagrees with nothing the CNN was trained on by construction: other inputs (8x8),
+    other model (logistic regression)."""
+    from flowalign.rewards.toy.judge import fitted_judge
+    from flowalign.toy.data import load_digits
+
+    images, labels = load_digits("test")
+    media = ((images + 1) / 2).expand(-1, 3, -1, -1)
+    judge = rewards.load("toy/judge_digit")
+    assert not judge.differentiable and judge.score(media, [str(int(d)) for d in labels]).mean() > 0.9
+    weight, bias = fitted_judge()
+    assert weight.shape == (10, 64) and bias.shape == (10,)
