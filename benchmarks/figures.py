@@ -1,0 +1,168 @@
+"""Every measured figure the README and docs quote, rendered from the JSON a benchmark wrote.
+
+    python -m benchmarks.figures            # rewrite every figure block from benchmarks/results/*.json
+    python -m benchmarks.figures --check    # exit 1 if a block differs from what its JSON gives
+
+A page holds a block as ``<!-- figures: NAME -->`` ... ``<!-- /figures -->``; ``NAME`` is one of ``RENDERERS``, each
+reading one JSON and naming the command that wrote it. ``tests/test_figures.py`` runs the check, so a figure
+that no longer matches its JSON (or a JSON that was regenerated without updating the pages) fails CI.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+BLOCK = re.compile(r"(<!-- figures: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /figures -->)", re.S)
+
+
+def _load(name: str) -> dict:
+    return json.loads((RESULTS / name).read_text())
+
+
+def _source(data: dict, default: str) -> str:
+    return f"Written by `{data.get('command', default)}` to `benchmarks/results/`."
+
+
+def learning_seeds() -> str:
+    data = _load("learning_seeds.json")
+    rows = ["| recipe | config | held-out gain, mean ± std over training seeds | seeds "
+            "| judge: before → after (worst seed) |", "|---|---|---|---|---|"]
+    for name, r in data["recipes"].items():
+        rows.append(f"| {name} | `{r['config']}` | {r['gain_mean']:+.3f} ± {r['gain_std']:.3f} | {len(r['runs'])} | "
+                    f"{r['judge_before']:.3f} → {r['judge_after_min']:.3f} |")
+    return "\n".join(rows) + "\n\n" + _source(data, "python -m benchmarks.learning_seeds") + "\n"
+
+
+def grpo_overhead() -> str:
+    data = _load("grpo.json")
+    rows = ["| family | sampling s | reward s | training s | iteration / pure model passes (median, range) |",
+            "|---|---|---|---|---|"]
+    for name, o in data["overhead"].items():
+        s = o["split"]
+        rows.append(f"| {name} | {s['time/sampling']:.2f} | {s['time/reward']:.2f} | {s['time/training']:.2f} | "
+                    f"{o['overhead']:.3f}× [{o['min']:.3f}, {o['max']:.3f}] |")
+    a = data["args"]
+    note = (f"Toy digits, {a['prompts']} groups × {a['group']}, {a['steps']} steps, {a['repeats']} paired repeats, "
+            f"CPU {data.get('threads', '?')} threads.")
+    return "\n".join(rows) + "\n\n" + note + " " + _source(data, "python -m benchmarks.grpo") + "\n"
+
+
+def grpo_gains() -> str:
+    data = _load("grpo.json")
+    rows = ["| method | before | after | judge after | rollout NFE | gain per 1k NFE | s / iteration |",
+            "|---|---|---|---|---|---|---|"]
+    for name, g in data["variants"].items():
+        rows.append(f"| {name} | {g['before']:.4f} | {g['after']:.4f} | {g['judge_after']:.3f} | {g['nfe']:.0f} | "
+                    f"{g['gain_per_1k_nfe']:.5f} | {g['seconds_per_iteration']:.2f} |")
+    a = data["args"]
+    note = (f"{a['iterations']} iterations each, judged on {a['eval_prompts']} held-out prompts and seeds by the "
+            "bold-digit reward and by `toy/judge_digit` (the share of samples a second digit judge reads as the "
+            "prompted digit).")
+    return "\n".join(rows) + "\n\n" + note + " " + _source(data, "python -m benchmarks.grpo") + "\n"
+
+
+def samplers() -> str:
+    data = _load("samplers.json")
+    rows = ["| structure | NFE | leaves | NFE / leaf | vs independent | rollout / model passes (median, range) |",
+            "|---|---|---|---|---|---|"]
+    for name, f in data["structures"].items():
+        rows.append(f"| {name} | {f['nfe']} | {f['leaves']} | {f['nfe_per_leaf']:.2f} | "
+                    f"{f['nfe_per_leaf_vs_independent']:.2f}× | {f['direct_ratio']:.3f}× [{f['direct_min']:.3f}, "
+                    f"{f['direct_max']:.3f}] |")
+    return "\n".join(rows) + "\n\n" + _source(data, "python -m benchmarks.samplers") + "\n"
+
+
+def reno() -> str:
+    data = _load("reno.json")
+    t, m = data["toy_timing"], data["sd3_memory"]
+    rows = ["| measure | value |", "|---|---|",
+            f"| toy digits: ReNO time per iteration / the passes it makes (median, range) | {t['ratio']:.3f}× "
+            f"[{t['ratio_min']:.3f}, {t['ratio_max']:.3f}] |",
+            f"| toy digits: ReNO ms per iteration | {t['reno_s_per_iter'] * 1e3:.2f} |",
+            f"| tiny SD3: peak memory growth, plain / gradient checkpointing (MiB) | "
+            f"{m['plain']['peak_growth_mib']:.1f} / {m['checkpointing']['peak_growth_mib']:.1f} |"]
+    return "\n".join(rows) + "\n\n" + _source(data, "python -m benchmarks.reno") + "\n"
+
+
+def rewards() -> str:
+    data = _load("rewards.json")
+    batches = [str(b) for b in data["args"]["batches"]]
+    rows = ["| reward | kind | " + " | ".join(f"samples/s, B={b}" for b in batches) + " |",
+            "|---|---|" + "---|" * len(batches)]
+    for name, f in data["rewards"].items():
+        if "batch" not in f:
+            rows.append(f"| {name} | {f['kind']} | " + " | ".join("skipped" for _ in batches) + " |")
+            continue
+        rows.append(f"| {name} | {f['kind']} | " + " | ".join(f"{f['batch'][b]['samples_per_s']:.0f}" for b in batches)
+                    + " |")
+    return "\n".join(rows) + "\n\n" + _source(data, "python -m benchmarks.rewards") + "\n"
+
+
+def demo() -> str:
+    data = _load("demo.json")
+    return (f"```\nreward on {data['eval_prompts']} held-out prompts and seeds: {data['reward_before']:.4f} -> "
+            f"{data['reward_after']:.4f}\n```\n\n{_source(data, 'python -m benchmarks.demo')}\n")
+
+
+def toy_models() -> str:
+    data = _load("toy_models.json")
+    pct = lambda x: f"{100 * x:.1f}%"  # noqa: E731
+    rows = ["| model | setting | figures |", "|---|---|---|"]
+    for label, f in data["digits"].items():
+        rows.append(f"| digits generator (500 prompts, 20 steps) | {label} | read as the prompted digit: classifier "
+                    f"{pct(f['classifier'])}, second judge {pct(f['judge'])} |")
+    j = data["judges"]
+    rows.append(f"| digit readers ({j['held_out_digits']} held-out real digits) | | classifier {pct(j['classifier'])}, "
+                f"second judge {pct(j['judge'])}, tiny CLIP (own caption first of ten) {pct(j['clip_retrieval'])} |")
+    for label, f in data["video"].items():
+        rows.append(f"| video generator (200 prompts) | {label} | frames read right {pct(f['frame_digit_accuracy'])}, "
+                    f"moving the prompted way {pct(f['motion_direction_accuracy'])}, `toy/motion` {f['motion']:.2f} |")
+    for label, f in data["music"].items():
+        rows.append(f"| music generator (200 prompts) | {label} | pitch accuracy {pct(f['pitch_accuracy'])}, key "
+                    f"{f['key']:.3f}, exact tempo {pct(f['tempo_exact'])} |")
+    return "\n".join(rows) + "\n\n" + _source(data, "python -m benchmarks.toy_models") + "\n"
+
+
+RENDERERS = {"learning-seeds": learning_seeds, "grpo-overhead": grpo_overhead, "grpo-gains": grpo_gains,
+             "samplers": samplers, "reno": reno, "rewards": rewards, "demo": demo, "toy-models": toy_models}
+
+
+def pages() -> list[Path]:
+    return [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+
+
+def render_page(text: str) -> str:
+    """The page with every figure block rendered from its JSON."""
+    def fill(match: re.Match) -> str:
+        name = match["name"]
+        if name not in RENDERERS:
+            raise KeyError(f"unknown figure block '{name}' (known: {', '.join(RENDERERS)})")
+        return match.group(1) + RENDERERS[name]() + match.group(4)
+
+    return BLOCK.sub(fill, text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="report stale blocks instead of rewriting them")
+    args = parser.parse_args(argv)
+    stale = []
+    for page in pages():
+        text = page.read_text()
+        rendered = render_page(text)
+        if rendered != text:
+            stale.append(str(page.relative_to(ROOT)))
+            if not args.check:
+                page.write_text(rendered)
+    if stale:
+        print(("stale figures in: " if args.check else "rewrote: ") + ", ".join(stale))
+    return 1 if stale and args.check else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
