@@ -2,6 +2,9 @@
 the combinations they declare, what a real model needs, and what runs on more than one process."""
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
+
 from .config import RunConfig
 from .methods import combines, get_method, modifiers
 from .typed import ConfigError
@@ -43,27 +46,57 @@ def check_run(cfg: RunConfig, where: str = "config") -> None:
 
 
 def check_training(cfg: RunConfig, num_processes: int) -> None:
-    """Rules for a training run on ``num_processes`` processes: a prompt source for real models, and the
-    parts that keep an iteration's samples together on one process."""
+    """Rules for a training run on ``num_processes`` processes: a prompt source for real models, and an
+    iteration's samples dividing evenly over the processes (whole prompts where a part keeps them together)."""
     from .generators import toy_world
 
     t = cfg.train
     if toy_world(cfg.model.name) is None and not t.prompt_file:
         raise ConfigError(f"model '{cfg.model.name}' is not a toy model: set train.prompt_file (one prompt per line)")
-    method = get_method(cfg.method)
-    if num_processes > 1:
-        reasons = [(f"method {cfg.method}", method.single_process)]
-        reasons += [(f"modifiers.{n}", modifiers()[n].single_process) for n in cfg.modifiers]
-        reasons += [(f"reward {n}", "it judges whole groups, which span processes")
-                    for n in cfg.reward.weights if _pairwise(n)]
-        for what, why in reasons:
-            if why:
-                raise ConfigError(f"{what} runs on one process ({why}); this run has {num_processes}")
-    spread = method.family == "flow_matching" or not getattr(method, "shares_trunks", False)
-    total = t.prompts_per_iteration * get_method(cfg.method)(cfg.options, t).samples_per_prompt
-    if spread and total % num_processes:
+    together = whole_prompt_reasons(cfg)
+    if together and t.prompts_per_iteration % num_processes:
+        what, why = together[0]
+        raise ConfigError(f"train.prompts_per_iteration ({t.prompts_per_iteration}) must be divisible by the number "
+                          f"of processes ({num_processes}): {what} keeps a prompt's samples on one process ({why})")
+    method = get_method(cfg.method)(cfg.options, t)
+    total = t.prompts_per_iteration * method.samples_per_prompt
+    if cfg.reward.overlap_prompts and not getattr(method, "scores_pointwise", True):
+        raise ConfigError(f"reward.overlap_prompts: method {cfg.method} scores whole sets of samples after sampling "
+                          "(set reward.overlap_prompts=0)")
+    if not together and total % num_processes:
         raise ConfigError(f"train.prompts_per_iteration x samples per prompt = {total} must be divisible by the "
                           f"number of processes ({num_processes})")
+
+
+def check_launch(num_processes: int, cuda: bool, environ: Mapping[str, str] = os.environ) -> None:
+    """A launcher started several processes but accelerate set up each as a lone one (a GPU launch config on a
+    machine without GPUs): every process would run the whole job into the same folder. One line instead."""
+    launched = int(environ.get("WORLD_SIZE", "1") or 1)
+    if launched > 1 and num_processes == 1:
+        why = ("the launch config asks for GPUs and this machine has none (to run the processes on the CPU over "
+               "gloo, set ACCELERATE_USE_CPU=1)") if not cuda else "check the launch config's distributed_type"
+        raise ConfigError(f"launched as {launched} processes (WORLD_SIZE={launched}) but accelerate set up one: "
+                          f"{why}")
+
+
+def check_engine(engine: str, t) -> None:
+    """What the distributed engine (accelerate's ``DistributedType`` name) cannot do with this run's options."""
+    if engine == "DEEPSPEED" and t.checkpoint_every:
+        raise ConfigError("train.checkpoint_every: under DeepSpeed each process holds a partition of the optimizer "
+                          "that checkpoints cannot gather yet; use FSDP or DDP, or set train.checkpoint_every=0")
+    if engine == "FSDP" and t.ema_decay > 0:
+        raise ConfigError("train.ema_decay: under FSDP each process's EMA would average only its shard of the "
+                          "weights; use DDP, or set train.ema_decay=0")
+
+
+def whole_prompt_reasons(cfg: RunConfig) -> list[tuple[str, str]]:
+    """``(part, why)`` for every part of the run that needs a prompt's samples on one process (empty: they may
+    be spread one by one)."""
+    reasons = [(f"method {cfg.method}", get_method(cfg.method).whole_prompts)]
+    reasons += [(f"modifiers.{n}", modifiers()[n].whole_prompts) for n in cfg.modifiers]
+    reasons += [(f"reward {n}", "it judges a prompt's samples against each other") for n in cfg.reward.weights
+                if _pairwise(n)]
+    return [(what, why) for what, why in reasons if why]
 
 
 def _pairwise(name: str) -> bool:

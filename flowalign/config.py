@@ -61,6 +61,9 @@ class RewardConfig:
     aggregate: Literal["reward", "advantage"] = "reward"
     #: A reward that fails (raises, NaN, times out): ``stop`` the run, or ``skip`` the affected samples.
     on_error: Literal["stop", "skip"] = "stop"
+    overlap_prompts: int = bounded(0, min=0, doc="score while sampling: prompts per part sent to the reward as "
+                                               "they finish (0: sample everything, then score)")
+    concurrency: int = bounded(2, min=1, doc="parts scored at once while sampling goes on")
 
 
 @dataclass

@@ -201,11 +201,21 @@ class CompositeReward(Reward):
             return (s - mean) / (var ** 0.5 + 1e-6)
         return s
 
+    def combine(self, scores: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The weighted sum of raw scores (by part name), each normalised first. A row with a NaN score (a
+        skipped sample) stays NaN and is left out of the normalisation statistics."""
+        valid = torch.stack([torch.isfinite(s) for s in scores.values()]).all(dim=0)
+        if bool(valid.all()):
+            return sum(self.weights[k] * self._normalized(k, s) for k, s in scores.items())
+        total = torch.full_like(next(iter(scores.values())), float("nan"))
+        if bool(valid.any()):
+            total[valid] = sum(self.weights[k] * self._normalized(k, s[valid]) for k, s in scores.items())
+        return total
+
     def score_parts(self, media, prompts=None, metadata=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The weighted (normalised) sum and each part's raw score (detached), in one pass."""
         scores = self.score_all(media, prompts, metadata)
-        total = sum(self.weights[k] * self._normalized(k, s) for k, s in scores.items())
-        return total, {k: s.detach() for k, s in scores.items()}
+        return self.combine(scores), {k: s.detach() for k, s in scores.items()}
 
     def score(self, media, prompts=None, metadata=None) -> torch.Tensor:
         return self.score_parts(media, prompts, metadata)[0]

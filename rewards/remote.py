@@ -122,17 +122,20 @@ class HTTPReward(Reward):
 
     The request is ``{"prompts": [...], "metadata": [...], KEY: [...]}`` with KEY ``images`` (base64
     PNG/JPEG per sample), ``videos`` (a list of base64 frames per sample) or ``audio`` (base64 16-bit WAV
-    per sample, at ``sample_rate``). A long batch is sent in chunks of ``batch_size`` samples."""
+    per sample, at ``sample_rate``). A long batch is sent in requests of at most ``batch_size`` samples."""
 
     name = "http"
     differentiable = False
 
     def __init__(self, url: str, timeout: float = 30.0, retries: int = 2, backoff: float = 0.5,
                  modality: str = "image", name: str | None = None, image_format: str = "png",
-                 sample_rate: int = 16000):
+                 sample_rate: int = 16000, batch_size: int = 64):
         super().__init__()
         if name is not None:
             self.name = name
+        if batch_size < 1:
+            raise RewardError(f"reward {self.name}: batch_size must be >= 1, got {batch_size}")
+        self.batch_size = batch_size
         if modality not in ("image", "video", "audio"):
             raise RewardError(f"reward {self.name}: modality must be image, video or audio, got {modality!r}")
         _check_common(timeout, retries, backoff, image_format, self.name)

@@ -59,6 +59,7 @@ class Rollout:
     mean: torch.Tensor  # the step's mean at sampling time (GRPO-Guard's ratio normalisation needs it)
     row: torch.Tensor  # conditioning row of each transition
     owner: torch.Tensor  # the node each transition belongs to
+    round: torch.Tensor  # the round (model pass) that took it: transitions are stored round by round
     # leaves [L]
     leaves: torch.Tensor
     leaf_row: torch.Tensor
@@ -126,20 +127,21 @@ def _ends(node: Node, k: int) -> list[Node]:
 
 def run_plan(velocity: VelocityFn, roots: list[Node], root_rows: torch.Tensor, x_init: torch.Tensor,
              schedule: NoiseSchedule, generator: torch.Generator | None = None,
-             max_batch: int | None = None, noise_fn: Callable[[list[Node]], torch.Tensor] | None = None) -> Rollout:
+             max_batch: int | None = None,
+             noise_fn: Callable[[list[tuple[Node, int]]], torch.Tensor] | None = None) -> Rollout:
     """Execute ``roots`` (one per initial state ``x_init[i]``, conditioning row ``root_rows[i]``).
 
-    Noise comes from ``generator``, or from ``noise_fn(target_nodes)`` (one noise per step taken this
-    round), which lets a caller make each trajectory's noise independent of how trajectories are batched
-    or spread over processes."""
+    Noise comes from ``generator``, or from ``noise_fn(targets)`` (one noise per step taken this round, each
+    target a ``(node, step position)``), which lets a caller make each trajectory's noise independent of how
+    trajectories are batched or spread over processes."""
     nodes = flatten_plan(roots)
     node_id = _index(nodes)
     device = x_init.device
     # live states: tensor + (node, position, row) per state
     states, where = x_init.float(), [(root, 0, int(r)) for root, r in zip(roots, root_rows.tolist())]
     transitions: dict[str, list[torch.Tensor]] = {k: [] for k in ("x", "x_next", "sigma", "sigma_next", "scale",
-                                                                  "logp", "mean", "row", "owner")}
-    leaves, leaf_nodes, leaf_rows, nfe = [], [], [], 0
+                                                                  "logp", "mean", "row", "owner", "round")}
+    leaves, leaf_nodes, leaf_rows, nfe, rounds = [], [], [], 0, 0
     while where:
         live = [i for i, (node, k, _) in enumerate(where) if _outgoing(node, k)]
         for i, (node, k, row) in enumerate(where):  # leaves that end here
@@ -168,7 +170,7 @@ def run_plan(velocity: VelocityFn, roots: list[Node], root_rows: torch.Tensor, x
         s_next = torch.tensor([st.sigma_next for st in steps], device=device)
         scale = torch.tensor([st.scale for st in steps], device=device)
         mean, std = step_mean(v[p], x[p], s, s_next, schedule, scale)
-        noise = noise_fn([n for n, _ in targets]).to(device) if noise_fn else _noise(mean.shape, generator, device)
+        noise = noise_fn(targets).to(device) if noise_fn else _noise(mean.shape, generator, device)
         x_next = mean + std.view((-1,) + (1,) * (mean.ndim - 1)) * noise
         stochastic = schedule.kind != "zero" and schedule.level > 0
         trained = [e for e, st in enumerate(steps) if stochastic and st.train and st.scale > 0]  # host-side: no sync
@@ -183,7 +185,8 @@ def run_plan(velocity: VelocityFn, roots: list[Node], root_rows: torch.Tensor, x
             transitions["mean"].append(mean[sel])
             transitions["row"].append(rows[p[sel]])
             transitions["owner"].append(torch.tensor([node_id[id(targets[e][0])] for e in trained], device=device))
-        states = x_next
+            transitions["round"].append(torch.full((len(trained),), rounds, dtype=torch.long, device=device))
+        states, rounds = x_next, rounds + 1
         where = [(n, k + 1, where[live[j]][2]) for (n, k), j in zip(targets, parent)]
     return _assemble(transitions, leaves, leaf_nodes, leaf_rows, roots, nodes, nfe, schedule, x_init)
 
@@ -201,7 +204,8 @@ def _noise(shape, generator: torch.Generator | None, device) -> torch.Tensor:
     return torch.randn(shape, generator=generator, device=gen_device).to(device)
 
 
-def _group_ids(keys: list) -> torch.Tensor:
+def group_ids(keys: list) -> torch.Tensor:
+    """Hashable group keys as integers, numbered in order of first appearance."""
     ids: dict = {}
     return torch.tensor([ids.setdefault(k, len(ids)) for k in keys], dtype=torch.long)
 
@@ -231,10 +235,41 @@ def _assemble(tr, leaves, leaf_nodes, leaf_rows, roots, nodes, nfe, schedule, x_
         x=cat("x", empty(0, *shape)), x_next=cat("x_next", empty(0, *shape)),
         sigma=cat("sigma", empty(0)), sigma_next=cat("sigma_next", empty(0)), scale=cat("scale", empty(0)),
         logp=cat("logp", empty(0)), mean=cat("mean", empty(0, *shape)), row=cat("row", empty(0, dtype=torch.long)),
-        owner=cat("owner", empty(0, dtype=torch.long)),
+        owner=cat("owner", empty(0, dtype=torch.long)), round=cat("round", empty(0, dtype=torch.long)),
         leaves=torch.stack(leaves) if leaves else empty(0, *shape),
         leaf_row=torch.tensor(leaf_rows, dtype=torch.long, device=device),
-        leaf_group=_group_ids([nodes[n].leaf_group for n in leaf_nodes]).to(device),
+        leaf_group=group_ids([nodes[n].leaf_group for n in leaf_nodes]).to(device),
         leaf_node=torch.tensor(leaf_nodes, dtype=torch.long, device=device),
-        node_leaves=below.to(device), node_group=_group_ids([n.node_group for n in nodes]).to(device),
+        node_leaves=below.to(device), node_group=group_ids([n.node_group for n in nodes]).to(device),
         node_depth=torch.tensor([n.depth for n in nodes], device=device), nfe=nfe, schedule=schedule)
+
+
+def concat_rollouts(parts: list[Rollout]) -> Rollout:
+    """One rollout from rollouts of disjoint plans (e.g. prompts sampled part by part), as one ``run_plan`` of all
+    their roots would store it: transitions round by round (parts in order within a round), leaves and nodes part
+    after part, node indices and groups renumbered so no two parts share one."""
+    if len(parts) == 1:
+        return parts[0]
+    node_offsets, leaf_offsets, group_offsets, node_group_offsets = [0], [0], [0], [0]
+    for r in parts[:-1]:
+        node_offsets.append(node_offsets[-1] + r.node_leaves.shape[0])
+        leaf_offsets.append(leaf_offsets[-1] + r.leaves.shape[0])
+        group_offsets.append(group_offsets[-1] + (int(r.leaf_group.max()) + 1 if r.leaf_group.numel() else 0))
+        node_group_offsets.append(node_group_offsets[-1] + (int(r.node_group.max()) + 1 if r.node_group.numel() else 0))
+    rounds = torch.cat([r.round for r in parts])
+    order = torch.sort(rounds, stable=True).indices  # round by round, parts in order within a round: as one plan
+    cat = lambda key: torch.cat([getattr(r, key) for r in parts])  # noqa: E731
+    step = lambda key: cat(key)[order]  # noqa: E731
+    below = torch.zeros(node_offsets[-1] + parts[-1].node_leaves.shape[0],
+                        leaf_offsets[-1] + parts[-1].leaves.shape[0], dtype=torch.bool, device=parts[0].leaves.device)
+    for r, n0, l0 in zip(parts, node_offsets, leaf_offsets):
+        below[n0:n0 + r.node_leaves.shape[0], l0:l0 + r.leaves.shape[0]] = r.node_leaves
+    return Rollout(
+        x=step("x"), x_next=step("x_next"), sigma=step("sigma"), sigma_next=step("sigma_next"), scale=step("scale"),
+        logp=step("logp"), mean=step("mean"), row=step("row"),
+        owner=torch.cat([r.owner + n0 for r, n0 in zip(parts, node_offsets)])[order], round=rounds[order],
+        leaves=cat("leaves"), leaf_row=cat("leaf_row"),
+        leaf_group=torch.cat([r.leaf_group + g0 for r, g0 in zip(parts, group_offsets)]),
+        leaf_node=torch.cat([r.leaf_node + n0 for r, n0 in zip(parts, node_offsets)]),
+        node_leaves=below, node_group=torch.cat([r.node_group + g0 for r, g0 in zip(parts, node_group_offsets)]),
+        node_depth=cat("node_depth"), nfe=sum(r.nfe for r in parts), schedule=parts[0].schedule)

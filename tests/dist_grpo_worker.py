@@ -4,7 +4,8 @@
     python tests/dist_grpo_worker.py OUT          # world 1, for comparison
 
 ``Accelerator(cpu=True)`` under torchrun gives MULTI_CPU over gloo. Every case of ``CASES`` runs two iterations;
-after each, every rank writes ``OUT/world{W}/{case}_rank{r}_iter{i}.pt`` with the gathered rewards and
+after each, every rank writes ``OUT/world{W}/{case}_rank{r}_iter{i}.pt`` with the gathered rewards (set
+rewards: of D+ before and after the swaps) and
 advantages sorted by trajectory id, the gradient of every optimizer update (as the optimizer sees it: after
 DDP's all-reduce, before clipping) and this rank's LoRA weights.
 """
@@ -39,6 +40,40 @@ CASES = {
     "mix_grpo": ("configs/toy/digits_mix_grpo.yaml", ["mix_grpo.group_size=4", "mix_grpo.window_size=2",
                                                      "train.updates_per_iteration=1"]),
     "dr_grpo": ("configs/toy/digits_dr_grpo.yaml", ["dr_grpo.group_size=4", "train.updates_per_iteration=1"]),
+    # a shared ODE prefix per group (Fast) and a solver tail (Flash)
+    "flow_grpo_fast": ("configs/toy/digits_flow_grpo_fast.yaml", ["flow_grpo.group_size=4",
+                                                                  "modifiers.fast.window_size=2",
+                                                                  "train.updates_per_iteration=1"]),
+    "mix_grpo_flash": ("configs/toy/digits_mix_grpo_flash.yaml", ["mix_grpo.group_size=4", "mix_grpo.window_size=2",
+                                                                  "train.updates_per_iteration=1"]),
+    # whole prompts per process: shared trunks (noise keyed by node), a pairwise judge, best paths
+    "tempflow_grpo": ("configs/toy/digits_tempflow_grpo.yaml", ["tempflow_grpo.group_size=2",
+                                                               "tempflow_grpo.branch_steps=[0, 2]",
+                                                               "train.updates_per_iteration=1"]),
+    "g2rpo": ("configs/toy/digits_g2rpo.yaml", ["g2rpo.group_size=2", "g2rpo.sde_steps=[0, 1]",
+                                               "train.updates_per_iteration=1"]),
+    "tree_layer_tuning": ("configs/toy/digits_tree_grpo.yaml", ["tree_grpo.tree_depth=2", "tree_grpo.window_size=2",
+                                                               "modifiers.layer_tuning={}",
+                                                               "train.updates_per_iteration=1"]),
+    "pref_grpo": ("configs/toy/digits_pref_grpo.yaml", ["flow_grpo.group_size=4", "train.updates_per_iteration=1"]),
+    "flow_layer_tuning": ("configs/toy/digits_flow_grpo.yaml", ["flow_grpo.group_size=4", "modifiers.layer_tuning={}",
+                                                               "train.updates_per_iteration=1"]),
+    # the forward-process family: every sample's flow points are keyed by its id; AC-Flow's weights are normalised
+    # over every process's points, and one critic step sees them all (train_batch >= the points)
+    "orw_cfm_w2": ("configs/toy/digits_orw_cfm_w2.yaml", ["orw_cfm_w2.group_size=4", "train.updates_per_iteration=1",
+                                                          "train.train_batch=64"]),
+    "ac_flow": ("configs/toy/digits_ac_flow.yaml", ["ac_flow.group_size=4", "ac_flow.critic_warmup=0",
+                                                    "train.updates_per_iteration=1", "train.train_batch=64"]),
+    # DRAGON: pairs by prompt (whole prompts), two updates over a split of the pairs both processes draw alike
+    # (2 prompts: each part holds one pair, so one process joins each update with a zero-weighted stand-in); KTO's
+    # median and reference point over every process's samples (beta 50: 500 magnifies fp32 rounding)
+    "dragon_dpo": ("configs/toy/digits_dragon.yaml", ["train.updates_per_iteration=2", "dragon.beta=50"]),
+    "dragon_kto": ("configs/toy/digits_dragon.yaml", ["train.prompts_per_iteration=4", "dragon.sets=unpaired",
+                                                      "dragon.loss=kto", "train.updates_per_iteration=2",
+                                                      "dragon.beta=50"]),
+    # set rewards (FAD to exemplars): every process scores the gathered clips and finds the same sets
+    "dragon_greedy": ("configs/toy/music_dragon_fad.yaml", ["train.prompts_per_iteration=4",
+                                                           "train.updates_per_iteration=1", "dragon.beta=50"]),
 }
 
 
@@ -52,24 +87,24 @@ def run_case(acc, name: str, out: Path) -> None:
     cfg = load_config(REPO / config, SMALL + overrides + [f"output_dir={out / f'world{world}' / name}"])
     trainer = make_trainer(cfg, accelerator=acc)
     record: dict = {}
-    advantages, optimizer_step = trainer.advantages, trainer.optimizer_step
-
-    def recording_advantages(batch):
-        advantages(batch)
-        ids = acc.gather(batch.leaf_ids.contiguous())
-        adv = acc.gather(batch.leaf_advantages.contiguous())
-        order = torch.argsort(ids)
-        record.update(ids=ids[order].cpu(), rewards=batch.all_rewards.cpu(), advantages=adv[order].cpu())
+    optimizer_step = trainer.optimizer_step
 
     def recording_step():
         grads = [p.grad.detach().flatten() for p in trainer.params if p.grad is not None]
         record.setdefault("grads", []).append(torch.cat(grads).clone().cpu())
         return optimizer_step()
 
-    trainer.advantages, trainer.optimizer_step = recording_advantages, recording_step
+    trainer.optimizer_step = recording_step
     for i in range(cfg.train.iterations):
         record.clear()
-        trainer.run_iteration(i)
+        metrics, batch = trainer.run_iteration(i)
+        ids = acc.gather(batch.leaf_ids.contiguous())
+        order = torch.argsort(ids)
+        rewards = batch.all_rewards if batch.all_rewards is not None else torch.tensor(  # set rewards: the sets'
+            [metrics["reward/set_before"], metrics["reward/set_positive"]])
+        record.update(ids=ids[order].cpu(), rewards=rewards.cpu())
+        if batch.leaf_advantages is not None:  # the advantages each rank trains on, gathered back
+            record["advantages"] = acc.gather(batch.leaf_advantages.contiguous())[order].cpu()
         lora = {k: v.cpu() for k, v in trainable_state(trainer.gen.trainable_module, True).items()}
         folder = out / f"world{world}"
         folder.mkdir(parents=True, exist_ok=True)

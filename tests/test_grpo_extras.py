@@ -60,7 +60,7 @@ def test_layer_tuning_pulls_the_policy_toward_the_best_path(tmp_path):
     assert 0 < int((weights > 0).sum()) < rollout.num_transitions
     idx = torch.arange(rollout.num_transitions)
     losses = []
-    for _ in range(15):
+    for _ in range(30):
         loss, stats = tr.loss(batch, idx, rollout.logp)
         tr.acc.backward(loss)
         tr.optimizer.step()

@@ -71,18 +71,23 @@ def test_a_modifier_can_be_switched_off_from_the_command_line():
 
 
 def test_process_rules_are_checked_before_anything_loads():
-    tree = load_config("configs/toy/digits_tree_grpo.yaml")
+    """Whole prompts per process where a part compares a prompt's samples: the prompts must divide evenly, and the
+    error names the part and why; elsewhere the samples must."""
+    tree = load_config("configs/toy/digits_tree_grpo.yaml")  # 4 prompts
     check_training(tree, 1)
-    with pytest.raises(ConfigError, match=re.escape("method tree_grpo runs on one process (a prompt's tree shares "
-                                                    "its prefixes); this run has 2")):
-        check_training(tree, 2)
-    with pytest.raises(ConfigError, match="reward toy/preference runs on one process"):
-        check_training(load_config("configs/toy/digits_pref_grpo.yaml"), 2)
-    with pytest.raises(ConfigError, match="modifiers.layer_tuning runs on one process"):
-        check_training(load_config(FLOW, ["modifiers.layer_tuning={}"]), 2)
+    check_training(tree, 2)
+    with pytest.raises(ConfigError, match=re.escape("train.prompts_per_iteration (4) must be divisible by the number "
+                                                    "of processes (3): method tree_grpo keeps a prompt's samples on "
+                                                    "one process (a prompt's tree shares its prefixes)")):
+        check_training(tree, 3)
+    with pytest.raises(ConfigError, match="reward toy/preference keeps a prompt's samples on one process"):
+        check_training(load_config("configs/toy/digits_pref_grpo.yaml", ["train.prompts_per_iteration=3"]), 2)
+    with pytest.raises(ConfigError, match="modifiers.layer_tuning keeps a prompt's samples on one process"):
+        check_training(load_config(FLOW, ["modifiers.layer_tuning={}", "train.prompts_per_iteration=3"]), 2)
     with pytest.raises(ConfigError, match="must be divisible by the number of processes \\(3\\)"):
         check_training(load_config(FLOW), 3)
     check_training(load_config(FLOW), 2)
+    check_training(load_config(FLOW, ["train.prompts_per_iteration=3"]), 2)  # 3 x 8 samples spread one by one
 
 
 def test_a_real_model_needs_a_prompt_file_before_its_weights_load(tmp_path, monkeypatch):
@@ -144,3 +149,15 @@ def _flatten(nodes):
     for node in nodes:
         yield node
         yield from _flatten(node.children)
+
+
+def test_a_gpu_launch_on_a_machine_without_gpus_is_one_line():
+    """accelerate launch with a GPU config and no GPU: each process comes up alone and would run the whole job into
+    the same folder; the trainer stops first, saying why."""
+    from flowalign.checks import check_launch
+
+    check_launch(1, cuda=False, environ={})
+    check_launch(2, cuda=False, environ={"WORLD_SIZE": "2"})  # a real 2-process run (gloo)
+    with pytest.raises(ConfigError, match=re.escape("launched as 2 processes (WORLD_SIZE=2) but accelerate set up "
+                                                    "one: the launch config asks for GPUs and this machine has none")):
+        check_launch(1, cuda=False, environ={"WORLD_SIZE": "2"})

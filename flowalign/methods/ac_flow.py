@@ -114,7 +114,8 @@ class ACFlow(FlowMatchingMethod):
         with torch.no_grad():
             values = self.critic(points["x"], points["sigma"], text) if self.critic is not None else None
         adv = clipped_advantages(targets, values, o.adv_clip if self.critic is not None else 0.0)
-        weights = advantage_weights(adv, o.weight_beta, o.weight_norm)
+        everyone = trainer.acc.gather(adv.contiguous()) if o.weight_norm else None
+        weights = advantage_weights(adv, o.weight_beta, o.weight_norm, everyone)
         stats: dict[str, list[float]] = {}
         for chunk in torch.randperm(len(targets), generator=rng).chunk(self.train.updates_per_iteration):
             for start in range(0, len(chunk), self.train.train_batch):
@@ -223,10 +224,15 @@ def clipped_advantages(shaped: torch.Tensor, values: torch.Tensor | None, clip: 
     return adv.clamp(-clip, clip) if clip > 0 else adv
 
 
-def advantage_weights(adv: torch.Tensor, beta: float, normalize: bool) -> torch.Tensor:
-    """``exp(β·A)``, divided by its batch mean when ``normalize`` (keeps the loss scale fixed)."""
-    w = torch.exp(beta * (adv - adv.max()) if normalize else beta * adv)
-    return w / w.mean() if normalize else w
+def advantage_weights(adv: torch.Tensor, beta: float, normalize: bool,
+                      everyone: torch.Tensor | None = None) -> torch.Tensor:
+    """``exp(β·A)``, divided by its mean when ``normalize`` (keeps the loss scale fixed): the mean over
+    ``everyone``, every process's advantages gathered, so the weights do not depend on how points are spread."""
+    if not normalize:
+        return torch.exp(beta * adv)
+    everyone = adv if everyone is None else everyone
+    top = everyone.max()
+    return torch.exp(beta * (adv - top)) / torch.exp(beta * (everyone - top)).mean()
 
 
 def per_sample_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

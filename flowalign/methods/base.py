@@ -23,8 +23,9 @@ class Method:
     paper: ClassVar[str] = ""               # where it comes from, e.g. "arXiv 2505.05470"
     family: ClassVar[str]                   # the trainer that runs it: "policy_gradient" | "flow_matching"
     Options: ClassVar[type]                 # a dataclass; its defaults are the paper's
-    #: why the method needs all of an iteration's samples on one process (None: any process count)
-    single_process: ClassVar[str | None] = None
+    #: why a prompt's samples must run on one process (placed whole, prompt p on process p % world; None: they
+    #: may be spread one by one)
+    whole_prompts: ClassVar[str | None] = None
 
     def __init__(self, options: Any, train: "TrainConfig", modifiers: dict[str, "Modifier"] | None = None):
         self.options, self.train = options, train
@@ -60,7 +61,7 @@ class Modifier:
     combines_with: ClassVar[frozenset[str]]
     #: method name -> another modifier this one needs with it (Flash on Flow-GRPO needs the Fast window)
     requires: ClassVar[dict[str, str]] = {}
-    single_process: ClassVar[str | None] = None
+    whole_prompts: ClassVar[str | None] = None   # as ``Method.whole_prompts``
 
     def __init__(self, options: Any, method: Method):
         self.options, self.method = options, method

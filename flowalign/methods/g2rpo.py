@@ -36,7 +36,7 @@ class G2RPO(PolicyGradientMethod):
     paper = "arXiv 2510.01982"
     Options = G2RPOOptions
     shares_trunks = True
-    single_process = "a prompt's branches share one ODE trunk"
+    whole_prompts = "a prompt's branches share one ODE trunk"
 
     @classmethod
     def check(cls, options, train, modifiers) -> None:

@@ -35,7 +35,7 @@ class TempFlowGRPO(PolicyGradientMethod):
     paper = "arXiv 2508.04324"
     Options = TempFlowGRPOOptions
     shares_trunks = True
-    single_process = "a prompt's branches share one ODE trunk"
+    whole_prompts = "a prompt's branches share one ODE trunk"
 
     @classmethod
     def check(cls, options, train, modifiers) -> None:

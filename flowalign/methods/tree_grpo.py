@@ -50,7 +50,7 @@ class TreeGRPO(PolicyGradientMethod):
     paper = "arXiv 2509.23352"
     Options = TreeGRPOOptions
     shares_trunks = True
-    single_process = "a prompt's tree shares its prefixes"
+    whole_prompts = "a prompt's tree shares its prefixes"
 
     @classmethod
     def check(cls, options, train, modifiers) -> None:

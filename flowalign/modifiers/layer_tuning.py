@@ -33,7 +33,7 @@ class LayerTuning(Modifier):
     title = "LayerTuning-RL"
     Options = LayerTuningOptions
     combines_with = frozenset({"tree_grpo", "flow_grpo", "dance_grpo", "mix_grpo"})
-    single_process = "each group's best path is chosen among all of the group's leaves"
+    whole_prompts = "each group's best path is chosen among all of the group's leaves"
 
     def prepare(self, trainer, batch) -> None:
         rollout = batch.rollout

@@ -10,7 +10,6 @@ from ..samplers.ode import euler_ode
 from ..seeds import derive_seed
 from .batch import IterationBatch
 from .lora import adapters_disabled
-from .prompts import local_trajectories
 from .trainer import Trainer
 
 
@@ -18,39 +17,51 @@ class FlowMatchingTrainer(Trainer):
     """Runs a ``FlowMatchingMethod``: samples and scores here, ``method.update`` trains."""
 
     def sample(self, iteration: int) -> IterationBatch:
-        """This process's share of ``prompts_per_iteration × group_size`` ODE samples (CFG as configured)."""
+        """This process's share of ``prompts_per_iteration × group_size`` ODE samples (CFG as configured); with
+        ``reward.overlap_prompts`` each part of the prompts is scored while the next one samples."""
         t, gen = self.t, self.gen
         prompts, meta = self.prompts(iteration)
         cond = self.encode(prompts)
         group = self.method.samples_per_prompt
-        total = t.prompts_per_iteration * group
-        select = torch.tensor(local_trajectories(total, self.acc.process_index, self.acc.num_processes))
+        select = torch.tensor(self.local_samples(group))
         sigmas = gen.sigmas(t.steps)
-        shared = torch.Generator().manual_seed(derive_seed(t.seed, iteration))
-        noise = gen.initial_state(gen.initial_noise(total, shared), sigmas[0])
+        scorer = self.overlapped_scoring(prompts, meta)
         latents = []
         with torch.no_grad():
-            for chunk in select.split(t.rollout_batch):
-                c = cond.select(chunk // group)
-                latents.append(euler_ode(lambda x, s: gen.velocity(x, s, c, t.guidance),
-                                         noise[chunk.to(noise.device)], sigmas))
+            for part in self.sampling_parts(sorted(set((select // group).tolist()))):
+                chosen = select[torch.isin(select // group, torch.tensor(part))]
+                done = len(latents)
+                for chunk in chosen.split(t.rollout_batch):
+                    c = cond.select(chunk // group)
+                    latents.append(euler_ode(lambda x, s: gen.velocity(x, s, c, t.guidance),
+                                             self.initial_states(iteration, chunk.tolist(), sigmas[0]), sigmas))
+                if scorer is not None:
+                    rows = (chosen // group).to(gen.device)
+                    scorer.submit(torch.cat(latents[done:]).float(), rows, rows)
         rows = (select // group).to(gen.device)
-        return IterationBatch(iteration, prompts, meta, cond, torch.cat(latents).float(), rows, select.to(gen.device),
-                              rows, nfe=t.steps * len(select))
+        batch = IterationBatch(iteration, prompts, meta, cond, torch.cat(latents).float(), rows,
+                               select.to(gen.device), rows, nfe=t.steps * len(select))
+        if scorer is not None:
+            scorer.finish(batch)
+        return batch
 
     def flow_points(self, batch: IterationBatch, draws: int, sample_index: torch.Tensor | None = None,
                     salt: int = 0) -> dict[str, torch.Tensor]:
-        """``draws`` noise levels and noises per sample: ``x_σ = (1-σ)·x0 + σ·ε`` and the target ``u = ε - x0``.
-        Seeded by (seed, iteration, process), so a resumed run draws the same points."""
+        """``draws`` noise levels and noises per sample: ``x_σ = (1-σ)·x0 + σ·ε`` and the target ``u = ε - x0``,
+        laid out draw-major (point ``d·n + i`` is draw d of sample i). Each sample's draws are seeded by (seed,
+        iteration, its global id), so they do not depend on how samples are spread over processes, and a resumed
+        run draws the same points."""
         x0 = batch.leaves if sample_index is None else batch.leaves[sample_index]
-        n = x0.shape[0]
-        g = torch.Generator().manual_seed(derive_seed(self.t.seed, batch.iteration, 7, salt, self.acc.process_index))
-        if self.method.options.fm_sigma == "logit_normal":
-            sigma = torch.sigmoid(torch.randn(n * draws, generator=g))
-        else:
-            sigma = torch.rand(n * draws, generator=g)
-        eps = torch.randn((n * draws, *x0.shape[1:]), generator=g)
-        sigma, eps = sigma.to(x0.device), eps.to(x0.device)
+        ids = batch.leaf_ids if sample_index is None else batch.leaf_ids[sample_index]
+        n, sigmas, noises = x0.shape[0], [], []
+        for sample in ids.tolist():  # a few samples per process: one small generator each
+            g = torch.Generator().manual_seed(derive_seed(self.t.seed, batch.iteration, 7, salt, sample))
+            logit_normal = self.method.options.fm_sigma == "logit_normal"
+            sigmas.append(torch.sigmoid(torch.randn(draws, generator=g)) if logit_normal
+                          else torch.rand(draws, generator=g))
+            noises.append(torch.randn((draws, *x0.shape[1:]), generator=g))
+        sigma = torch.stack(sigmas, dim=1).flatten().to(x0.device)          # [draws * n], draw-major
+        eps = torch.stack(noises, dim=1).flatten(0, 1).to(x0.device)
         owner = torch.arange(n, device=x0.device).repeat(draws)
         s = sigma.view(-1, *([1] * (x0.ndim - 1)))
         return {"x": (1 - s) * x0[owner] + s * eps, "sigma": sigma, "target": eps - x0[owner], "owner": owner}
@@ -70,7 +81,8 @@ class FlowMatchingTrainer(Trainer):
         sampled = time.perf_counter()
         metrics = {"nfe": float(batch.nfe * self.acc.num_processes)}
         if self.method.scores_pointwise:
-            self.score(batch)
+            if batch.rewards is None:  # not scored while sampling
+                self.score(batch)
             batch.all_rewards, _ = self.gathered(batch.rewards, batch)
             metrics = self.reward_metrics(batch)
         else:  # the method scores sets of samples itself

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from typing import Callable
 
 import torch
 from accelerate.utils import DistributedType
@@ -16,11 +17,10 @@ from accelerate.utils import DistributedType
 from ..algorithms.grpo.loss import clipped_policy_loss
 from ..errors import FlowalignError
 from ..samplers.kernels import step
-from ..samplers.rollout import Rollout, flatten_plan, run_plan
+from ..samplers.rollout import Node, Rollout, concat_rollouts, flatten_plan, group_ids, run_plan
 from ..seeds import derive_seed
 from .batch import IterationBatch
 from .lora import adapters_disabled
-from .prompts import local_trajectories
 from .trainer import NonFiniteLoss, Trainer
 
 
@@ -37,7 +37,9 @@ class PolicyGradientTrainer(Trainer):
     # ------------------------------------------------------------------ sampling
 
     def rollout(self, iteration: int) -> IterationBatch:
-        """Sample this process's share of the iteration with the current policy (no graph)."""
+        """Sample this process's share of the iteration with the current policy (no graph). With
+        ``reward.overlap_prompts`` the share is sampled a few prompts at a time, each part decoded and sent to the
+        reward while the next one samples (the batch comes back scored)."""
         prompts, meta = self.prompts(iteration)
         cond = self.encode(prompts)
         sigmas = self.gen.sigmas(self.t.steps)
@@ -45,51 +47,81 @@ class PolicyGradientTrainer(Trainer):
         def velocity(x, sigma, rows):
             return self.gen.velocity(x, sigma, cond.select(rows), guidance=self.t.guidance)
 
+        sample = self._shared_trunks if self.method.shares_trunks else self._independent
+        per_prompt = 1 if self.method.shares_trunks else self.method.options.group_size
+        mine = sorted({s // per_prompt for s in self.local_samples(per_prompt)})  # prompts this process samples
+        scorer = self.overlapped_scoring(prompts, meta)
+        results = []
         with torch.no_grad():
-            if self.method.shares_trunks:
-                rollout, ids, groups = self._shared_trunks(sigmas, iteration, velocity)
-            else:
-                rollout, ids, groups = self._independent(sigmas, iteration, velocity)
-        return IterationBatch(iteration, prompts, meta, cond, rollout.leaves, rollout.leaf_row, ids, groups,
-                              rollout.nfe, rollout=rollout)
+            for part in self.sampling_parts(mine):
+                rollout, ids, groups = sample(sigmas, iteration, velocity, part)
+                results.append((rollout, ids, groups))
+                if scorer is not None:
+                    scorer.submit(rollout.leaves, rollout.leaf_row, groups)
+        rollout = concat_rollouts([r for r, _, _ in results])
+        ids, groups = torch.cat([i for _, i, _ in results]), torch.cat([g for _, _, g in results])
+        batch = IterationBatch(iteration, prompts, meta, cond, rollout.leaves, rollout.leaf_row, ids, groups,
+                               rollout.nfe, rollout=rollout)
+        if scorer is not None:
+            scorer.finish(batch)
+        return batch
 
-    def _shared_trunks(self, sigmas, iteration, velocity) -> tuple[Rollout, torch.Tensor, torch.Tensor]:
-        """One root per prompt (trunks shared by its trajectories, one process): leaf ids are leaf indices,
-        groups come from the plan."""
+    def _shared_trunks(self, sigmas, iteration, velocity, prompts: list[int]
+                       ) -> tuple[Rollout, torch.Tensor, torch.Tensor]:
+        """One root per prompt of ``prompts`` (whole prompts per process: a trunk and its branches stay together).
+        Leaf ids and groups are numbered over the whole plan, and every step's noise is keyed by its node in the
+        whole plan, so nothing depends on how prompts are spread over processes."""
+        t = self.t
         roots, rows = self.method.plan(sigmas, iteration, None)
-        shared = torch.Generator().manual_seed(derive_seed(self.t.seed, iteration))
-        x0 = self.gen.initial_state(self.gen.initial_noise(len(roots), shared), sigmas[0])
-        rollout = run_plan(velocity, roots, rows.to(self.gen.device), x0, self.schedule, shared,
-                           max_batch=self.t.rollout_batch)
-        return rollout, torch.arange(rollout.leaves.shape[0], device=self.gen.device), rollout.leaf_group
+        nodes = flatten_plan(roots)
+        node_key = {id(n): i for i, n in enumerate(nodes)}
+        leaves = [n for n in nodes if not n.children]
+        leaf_key = {id(n): i for i, n in enumerate(leaves)}
+        leaf_group = group_ids([n.leaf_group for n in leaves])
+        local_roots = [roots[p] for p in prompts]
+        rollout = run_plan(velocity, local_roots, rows[prompts].to(self.gen.device),
+                           self.initial_states(iteration, prompts, sigmas[0]), self.schedule,
+                           max_batch=t.rollout_batch, noise_fn=self._keyed_noise(iteration, lambda n: node_key[id(n)]))
+        local_nodes = flatten_plan(local_roots)
+        ids = torch.tensor([leaf_key[id(local_nodes[i])] for i in rollout.leaf_node.tolist()])
+        return rollout, ids.to(self.gen.device), leaf_group[ids].to(self.gen.device)
 
-    def _independent(self, sigmas, iteration, velocity) -> tuple[Rollout, torch.Tensor, torch.Tensor]:
-        """This process's share of ``prompts × group_size`` trajectories: leaf ids are global trajectory indices
-        (trajectory t belongs to prompt t // group_size), each trajectory's noise keyed by its index."""
+    def _independent(self, sigmas, iteration, velocity, prompts: list[int]
+                     ) -> tuple[Rollout, torch.Tensor, torch.Tensor]:
+        """This process's trajectories of ``prompts``: leaf ids are global trajectory indices (trajectory t belongs
+        to prompt t // group_size), each trajectory's noise keyed by its index."""
         t, gen, group = self.t, self.gen, self.method.options.group_size
         tail = None
         for modifier in self.modifiers:  # e.g. Flash: run to the window's end, finish with a solver
             sigmas, tail = modifier.rollout_grid(sigmas, tail, self.method.sde_window(iteration))
-        total = t.prompts_per_iteration * group
-        select = local_trajectories(total, self.acc.process_index, self.acc.num_processes)
+        wanted = set(prompts)
+        select = [s for s in self.local_samples(group) if s // group in wanted]
         roots, rows = self.method.plan(sigmas, iteration, select)
-        shared = torch.Generator().manual_seed(derive_seed(t.seed, iteration))  # identical on every process
-        all_noise = gen.initial_state(gen.initial_noise(total, shared), sigmas[0])
-        share = self.method.shares_initial_noise
-        x0 = all_noise[rows * group] if share else all_noise[torch.tensor(select)]
+        share = self.method.shares_initial_noise  # a group starts from its first trajectory's noise
+        x0 = self.initial_states(iteration, (rows * group).tolist() if share else select, sigmas[0])
         key = _trajectory_keys(roots, select, share)
-
-        def noise_fn(nodes):
-            round_noise = torch.randn((total, *gen.latent_shape), generator=shared)
-            return round_noise[torch.tensor([key.get(id(n), 0) for n in nodes])]
-
         rollout = run_plan(velocity, roots, rows.to(gen.device), x0, self.schedule, max_batch=t.rollout_batch,
-                           noise_fn=noise_fn)
+                           noise_fn=self._keyed_noise(iteration, lambda node: key[id(node)]))
         for modifier in self.modifiers:
             rollout = modifier.finish_rollout(rollout, tail, velocity, t.rollout_batch)
         nodes = flatten_plan(roots)
         ids = torch.tensor([key[id(nodes[i])] for i in rollout.leaf_node.tolist()], device=gen.device)
         return rollout, ids, ids // group
+
+    def _keyed_noise(self, iteration: int, key_of: Callable[[Node], int]) -> Callable:
+        """``noise_fn`` for ``run_plan``: the noise of step k of a node is drawn from a generator seeded by
+        (seed, iteration, ``key_of(node)``, k), so a process draws only the noise of its own steps, whatever the
+        batching; ODE steps (scale 0) get zeros without drawing."""
+        seed, shape = self.t.seed, self.gen.latent_shape
+
+        def noise_fn(targets):
+            noise = torch.zeros((len(targets), *shape))
+            for i, (node, k) in enumerate(targets):
+                if node.steps[k].scale > 0:
+                    noise[i] = torch.randn(shape, generator=torch.Generator().manual_seed(
+                        derive_seed(seed, iteration, 13, key_of(node), k)))
+            return noise
+        return noise_fn
 
     # ------------------------------------------------------------------ advantages
 
@@ -192,7 +224,8 @@ class PolicyGradientTrainer(Trainer):
         start = time.perf_counter()
         batch = self.rollout(iteration)
         sampled = time.perf_counter()
-        self.score(batch)
+        if batch.rewards is None:  # not scored while sampling
+            self.score(batch)
         scored = time.perf_counter()
         self.advantages(batch)
         stats = self.update(batch)

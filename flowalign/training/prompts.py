@@ -2,7 +2,9 @@
 
 Everything derives from (seed, iteration), so every process draws the same global prompt list and a
 resumed run draws what the uninterrupted run would have. Trajectory ``t`` (prompt ``t // G``) runs on
-process ``t % world``: a prompt's group is spread over the processes, as Flow-GRPO's sampler does.
+process ``t % world``: a prompt's group is spread over the processes, as Flow-GRPO's sampler does; when a part
+of the run compares a prompt's samples on one process (a shared trunk, a pairwise judge, a best path, a pair),
+prompt ``p`` runs whole on process ``p % world``.
 """
 from __future__ import annotations
 
@@ -56,3 +58,19 @@ def local_trajectories(total: int, rank: int, world: int) -> list[int]:
     if total % world:
         raise FlowalignError(f"{total} samples per iteration must be divisible by the number of processes ({world})")
     return list(range(rank, total, world))
+
+
+def local_prompts(num_prompts: int, rank: int, world: int) -> list[int]:
+    """The prompts this process runs whole (prompt ``p`` on process ``p % world``); each gets the same number."""
+    if num_prompts % world:
+        raise FlowalignError(f"train.prompts_per_iteration ({num_prompts}) must be divisible by the number of "
+                             f"processes ({world}) when a prompt's samples stay on one process")
+    return list(range(rank, num_prompts, world))
+
+
+def local_samples(num_prompts: int, per_prompt: int, rank: int, world: int, whole_prompts: bool) -> list[int]:
+    """This process's sample indices among ``num_prompts × per_prompt`` (sample ``s`` belongs to prompt
+    ``s // per_prompt``): whole prompts, or spread one by one."""
+    if whole_prompts:
+        return [p * per_prompt + g for p in local_prompts(num_prompts, rank, world) for g in range(per_prompt)]
+    return local_trajectories(num_prompts * per_prompt, rank, world)

@@ -16,15 +16,18 @@ import torch
 
 from .. import methods
 from .. import rewards as reward_lib
-from ..checks import check_training
+from ..checks import check_engine, check_launch, check_training, whole_prompt_reasons
 from ..config import RunConfig
 from ..errors import FlowalignError
 from ..generators import load_generator, toy_world
 from ..generators.memory import place_text_encoders
+from ..seeds import derive_seed
 from . import checkpoint as ckpt
 from .batch import IterationBatch
 from .lora import add_lora, load_trainable_state, save_lora_diffusers, trainable_state
-from .prompts import iteration_prompts, read_prompt_file
+from .prompts import iteration_prompts, local_samples, read_prompt_file
+from .scoring import REWARD_FAILURES, OverlappedScoring
+from .state import full_optimizer_state, load_full_optimizer_state
 
 
 class NonFiniteLoss(Exception):
@@ -41,11 +44,14 @@ class Trainer:
         self.cfg, self.t, self.out = cfg, t, Path(cfg.output_dir)
         precision = {"mixed_precision": t.mixed_precision} if t.mixed_precision else {}
         self.acc = accelerator or Accelerator(log_with="tensorboard", project_dir=str(self.out), **precision)
+        check_launch(self.acc.num_processes, torch.cuda.is_available())
+        check_engine(self.acc.distributed_type.name, t)
         check_training(cfg, self.acc.num_processes)  # before anything heavy loads
         self.method = methods.build(cfg.method, cfg.options, t, cfg.modifiers)
         self.modifiers = list(self.method.modifiers.values())
         self.file_prompts = read_prompt_file(t.prompt_file) if t.prompt_file else None
         self.world = toy_world(cfg.model.name) or "digits"
+        self.whole_prompts = bool(whole_prompt_reasons(cfg))  # a prompt's samples run on one process
         self.gen = load_generator(cfg.model.name, cfg.model.dtype, device=str(self.acc.device),
                                   local_files_only=cfg.model.local_files_only, **cfg.model.options)
         self.prompt_cache = place_text_encoders(self.gen, t.text_encoders, t.cache_prompts, t.prompt_embeds)
@@ -86,15 +92,41 @@ class Trainer:
         """The iteration's prompts and metadata (the same on every process)."""
         return iteration_prompts(self.t, iteration, self.file_prompts, self.world)
 
+    def local_samples(self, per_prompt: int) -> list[int]:
+        """This process's sample indices among the iteration's ``prompts_per_iteration × per_prompt`` (sample
+        ``s`` belongs to prompt ``s // per_prompt``): whole prompts where a part of the run needs them."""
+        return local_samples(self.t.prompts_per_iteration, per_prompt, self.acc.process_index,
+                             self.acc.num_processes, self.whole_prompts)
+
+    def initial_states(self, iteration: int, keys: list[int], sigma: float | torch.Tensor) -> torch.Tensor:
+        """The starting states of the samples ``keys`` (global ids), each drawn from its own generator seeded by
+        (seed, iteration, key): a sample's noise does not depend on which process runs it or on how many there
+        are, and each process draws only its own."""
+        noise = torch.cat([self.gen.initial_noise(1, torch.Generator().manual_seed(
+            derive_seed(self.t.seed, iteration, 19, k))) for k in keys])
+        return self.gen.initial_state(noise, sigma)
+
     def encode(self, prompts: list[str]):
         negative = self.cfg.sample.negative_prompt if self.t.guidance != 1.0 else None
         return self.gen.encode(prompts, negative_prompt=negative)
 
-    def decode(self, batch: IterationBatch) -> None:
-        """The leaves as media (images, clips, audio), ``rollout_batch`` at a time."""
+    def decode_leaves(self, leaves: torch.Tensor) -> torch.Tensor:
+        """Final latents as media (images, clips, audio), ``rollout_batch`` at a time."""
         size = self.t.rollout_batch
-        batch.media = torch.cat([self.gen.decode(batch.leaves[i:i + size])
-                                 for i in range(0, batch.leaves.shape[0], size)])
+        return torch.cat([self.gen.decode(leaves[i:i + size]) for i in range(0, leaves.shape[0], size)])
+
+    def decode(self, batch: IterationBatch) -> None:
+        batch.media = self.decode_leaves(batch.leaves)
+
+    def sampling_parts(self, prompts: list[int]) -> list[list[int]]:
+        """The parts this process's prompts are sampled in: all at once, or ``reward.overlap_prompts`` at a time
+        (each scored while the next samples)."""
+        size = self.cfg.reward.overlap_prompts or len(prompts)
+        return [prompts[i:i + size] for i in range(0, len(prompts), size)]
+
+    def overlapped_scoring(self, prompts: list[str], metadata: list[dict]) -> OverlappedScoring | None:
+        """A scorer for parts as they finish (``reward.overlap_prompts``), or None: score after sampling."""
+        return OverlappedScoring(self, prompts, metadata) if self.cfg.reward.overlap_prompts else None
 
     def score(self, batch: IterationBatch) -> None:
         """Decode the leaves and score them into ``batch``; a failing reward follows ``reward.on_error``
@@ -103,7 +135,7 @@ class Trainer:
         try:
             batch.rewards, batch.reward_parts = self.reward.score_parts(batch.media, batch.leaf_prompts,
                                                                         batch.leaf_metadata())
-        except (reward_lib.RewardError, TimeoutError, OSError) as err:
+        except REWARD_FAILURES as err:
             if self.cfg.reward.on_error == "stop":
                 raise FlowalignError(f"reward failed at iteration {batch.iteration} ({err}); "
                                      "stopping (set reward.on_error=skip to skip such samples)") from None
@@ -195,15 +227,17 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self) -> Path | None:
-        """Checkpoint the completed iterations (main process writes; everyone waits)."""
+        """Checkpoint the completed iterations: the whole state, gathered from every process's share (main process
+        writes; everyone waits)."""
         self.acc.wait_for_everyone()
         weights = trainable_state(self.gen.trainable_module, self.lora, self._gathered_state())
+        policy_optimizer = full_optimizer_state(self.gen.wrapped_module, self.optimizer)  # a collective
         extra_weights, extra_optimizers = self.method.extra_state(self)
         path = None
         if self.acc.is_main_process:
             ema = {f"ema.{i}": p for i, p in enumerate(self.ema.shadow_params)} if self.ema else None
-            optimizers = {"policy": self.optimizer.state_dict(), **extra_optimizers}
-            state = {"history": self.history, "method": self.cfg.method,
+            optimizers = {"policy": policy_optimizer, **extra_optimizers}
+            state = {"history": self.history, "method": self.cfg.method, "num_processes": self.acc.num_processes,
                      "reward_normalization": self.reward.normalization_state()}
             path = ckpt.save_checkpoint(self.out / "checkpoints", self.iteration, {**weights, **extra_weights},
                                         optimizers, state, ema, self.t.checkpoints_total_limit)
@@ -234,7 +268,7 @@ class Trainer:
         self.method.load_extra_state(self, {k: v for k, v in weights.items() if k in extra_names}, optimizers)
         load_trainable_state(self.gen.trainable_module, {k: v.to(self.acc.device) for k, v in weights.items()
                                                          if k not in extra_names}, self.lora)
-        self.optimizer.load_state_dict(optimizers["policy"])
+        load_full_optimizer_state(self.gen.wrapped_module, self.optimizer, optimizers["policy"])
         if self.ema is not None and ema is not None:
             for i, p in enumerate(self.ema.shadow_params):
                 p.copy_(ema[f"ema.{i}"])
