@@ -34,7 +34,7 @@ def learning_seeds() -> str:
             "| judge: before → after (worst seed) |", "|---|---|---|---|---|"]
     for name, r in data["recipes"].items():
         rows.append(f"| {name} | `{r['config']}` | {r['gain_mean']:+.3f} ± {r['gain_std']:.3f} | {len(r['runs'])} | "
-                    f"{r['judge_before']:.3f} → {r['judge_after_min']:.3f} |")
+                    f"`{r.get('judge', 'toy/judge_digit')}` {r['judge_before']:.3f} → {r['judge_after_min']:.3f} |")
     return "\n".join(rows) + "\n\n" + _source(data, "python -m benchmarks.learning_seeds") + "\n"
 
 
@@ -128,8 +128,29 @@ def toy_models() -> str:
     return "\n".join(rows) + "\n\n" + _source(data, "python -m benchmarks.toy_models") + "\n"
 
 
+def overlap() -> str:
+    data = _load("overlap.json")
+    rows = [f"{data['samples']} samples in {data['requests']} requests of {data['delay_s']:g} s each; sampling "
+            f"{data['sampling_s']:.2f} s and scoring {data['scoring_s']:.2f} s, each alone (medians, serial run).", "",
+            "| mode | sampling and scoring / max(sampling, scoring) (median, range) |", "|---|---|"]
+    for name, f in data["modes"].items():
+        rows.append(f"| {name} | {f['ratio']:.3f}× [{f['ratio_min']:.3f}, {f['ratio_max']:.3f}] |")
+    return "\n".join(rows) + "\n\n" + _source(data, "python -m benchmarks.overlap") + "\n"
+
+
+def processes() -> str:
+    data = _load("processes.json")
+    rows = ["| method | samples / iteration | samples/s, 1 process | samples/s, 2 processes | speed-up |",
+            "|---|---|---|---|---|"]
+    for name, f in data["methods"].items():
+        rows.append(f"| {name} | {f['samples_per_iteration']} | {f['samples_per_s_1']:.1f} | "
+                    f"{f['samples_per_s_2']:.1f} | {f['speedup']:.2f}× |")
+    return "\n".join(rows) + "\n\n" + _source(data, "python -m benchmarks.processes") + "\n"
+
+
 RENDERERS = {"learning-seeds": learning_seeds, "grpo-overhead": grpo_overhead, "grpo-gains": grpo_gains,
-             "samplers": samplers, "reno": reno, "rewards": rewards, "demo": demo, "toy-models": toy_models}
+             "samplers": samplers, "reno": reno, "rewards": rewards, "demo": demo, "toy-models": toy_models,
+             "overlap": overlap, "processes": processes}
 
 
 def pages() -> list[Path]:
