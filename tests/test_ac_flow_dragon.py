@@ -136,11 +136,13 @@ def test_ac_flow_resume_is_bitwise_with_the_critic(tmp_path):
 
 
 @pytest.mark.slow
-def test_ac_flow_learns_and_its_critic_explains_variance(tmp_path):
-    metrics = train("configs/toy/digits_ac_flow.yaml", EVAL + ["train.iterations=10", f"output_dir={tmp_path}"],
-                    progress=False, print_fn=lambda *_: None)
-    assert metrics["reward_after"] - metrics["reward_before"] > 0.1
-    history = metrics["history"]
+def test_ac_flow_critic_warms_up_then_explains_variance(tmp_path):
+    """The critic trains alone for its warm-up iterations, then explains a good part of the shaped rewards' variance
+    on points it has not seen. (AC-Flow's learning, against its training-seed spread: tests/test_learning.py.)"""
+    tr = make_trainer(load_config("configs/toy/digits_ac_flow.yaml", ["train.iterations=8", "train.eval_prompts=0",
+                                                                      "train.checkpoint_every=0",
+                                                                      f"output_dir={tmp_path}"]))
+    history = tr.fit(progress=False)
     warm = [h["critic/explained_variance"] for h in history if h["iteration"] >= 5]
     assert all("fm_loss" not in h for h in history[:3]) and "fm_loss" in history[3]  # warm-up: critic only
     assert sum(warm) / len(warm) > 0.2, warm
@@ -157,10 +159,11 @@ def _distance_and_reward(trainer, prompts, meta) -> tuple[float, float]:
 
 
 @pytest.mark.slow
-def test_w2_term_keeps_samples_closer_to_the_base(tmp_path):
-    """Same run with and without the W2 bound: at a comparable reward, the W2 run's samples moved less from
-    the base's (same noise). Measured (8 iterations): alpha 0.1 -> L2 4.02 at reward 0.823; alpha 0 -> 4.45
-    at 0.847 (base 0.650)."""
+@pytest.mark.parametrize("seed", [0, 1])
+def test_w2_term_keeps_samples_closer_to_the_base(tmp_path, seed):
+    """The same run with and without the W2 bound, on two training seeds: at a comparable reward, the W2 run's
+    samples moved less from the base's (same noise), on each seed. The distances vary a lot between training
+    seeds, so the comparison is paired within a seed (measured on seeds 0, 1, 2: L2 ratios 0.86, 0.84, 0.88)."""
     prompts, meta = heldout_prompts(40, None)
     base_reward = rewards.load("toy/bold_digit").score(generate(
         make_trainer(load_config("configs/toy/digits_ac_flow.yaml", ["train.eval_prompts=0",
@@ -170,7 +173,7 @@ def test_w2_term_keeps_samples_closer_to_the_base(tmp_path):
     for name, alpha in (("on", 0.1), ("off", 0.0)):
         tr = make_trainer(load_config("configs/toy/digits_ac_flow.yaml", [
             "train.iterations=8", "train.eval_prompts=0", "train.checkpoint_every=0", f"ac_flow.w2_weight={alpha}",
-            f"output_dir={tmp_path / name}"]))
+            f"train.seed={seed}", f"output_dir={tmp_path / name}"]))
         tr.fit(progress=False)
         results[name] = _distance_and_reward(tr, prompts, meta)
         tr.acc.end_training()

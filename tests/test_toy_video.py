@@ -125,46 +125,17 @@ def test_shipped_model_draws_the_digit_and_moves_it_the_prompted_way(gen):
     assert figures["motion"] > 0.7, figures
 
 
-@pytest.fixture(scope="module")
-def seed_spread(gen):
-    """Std of the base model's mean reward over 4 evaluation seeds (the config's prompts, steps, guidance)."""
-    from flowalign.config import load_config
-    from flowalign.training.report import EVAL_SEED, heldout_prompts
-
-    cfg = load_config("configs/toy/video_flow_grpo.yaml")
-    reward = rewards.load_weighted(cfg.reward.weights, **cfg.reward.options)
-    prompts, meta = heldout_prompts(cfg.train.eval_prompts, None, "video")
-    means = [reward.score(flowalign.generate(gen, prompts, steps=cfg.train.eval_steps, guidance=cfg.train.guidance,
-                                             seed=EVAL_SEED + k), prompts, meta).mean() for k in range(4)]
-    return torch.stack(means).std().item()
-
-
-@pytest.mark.slow
-def test_flow_grpo_raises_bold_digits_in_every_frame(tmp_path, seed_spread):
-    """Flow-GRPO (16 iterations of 4 groups x 8, no CFG, a 2-step SDE window) raises the per-frame bold-digit
-    reward on held-out phrasings and seeds, and the clips keep moving the prompted way.
-    Measured: 0.291 -> 0.433 (+0.142) on 240 prompts, ~40 s on 2 cores; the std of the base mean over 4 seeds
-    is 0.013."""
-    from flowalign.config import load_config
-    from flowalign.training import make_trainer
-    from flowalign.training.report import evaluate_policy, heldout_prompts
-
-    cfg = load_config("configs/toy/video_flow_grpo.yaml", ["train.iterations=16", "train.prompts_per_iteration=4",
-                                                            "train.checkpoint_every=0", f"output_dir={tmp_path}"])
-    tr = make_trainer(cfg)
-    prompts, meta = heldout_prompts(cfg.train.eval_prompts, None, tr.gen.toy_world)
-    before = evaluate_policy(tr.gen, tr.reward, prompts, meta, cfg.train.eval_steps,
-                             cfg.train.guidance)[1].mean().item()
-    tr.fit(progress=False)
-    media, after = evaluate_policy(tr.gen, tr.reward, prompts, meta, cfg.train.eval_steps, cfg.train.guidance)
-    gain = after.mean().item() - before
-    print(f"bold digits in every frame: {before:.4f} -> {after.mean().item():.4f} (+{gain:.4f}); "
-          f"seed spread {seed_spread:.4f}; "
-          f"direction {rewards.load('toy/motion_match').score(media, prompts, meta).mean():.3f}")
-    assert gain > 0.05 and gain > 5 * seed_spread, (before, gain, seed_spread)
-    assert rewards.load("toy/motion_match").score(media, prompts, meta).mean() >= 0.95  # no freezing hack
-    final = tr.save_final()
+def test_a_trained_video_lora_loads_into_the_wan_pipeline(tmp_path):
+    """Flow-GRPO on the video toy (its learning is in tests/test_learning.py) saves a LoRA WanPipeline reads."""
     from diffusers import WanPipeline
 
+    from flowalign.config import load_config
+    from flowalign.training import make_trainer
+
+    tr = make_trainer(load_config("configs/toy/video_flow_grpo.yaml", [
+        "train.iterations=1", "train.prompts_per_iteration=2", "flow_grpo.group_size=2", "train.eval_prompts=0",
+        "train.checkpoint_every=0", f"output_dir={tmp_path}"]))
+    tr.fit(progress=False)
+    final = tr.save_final()
     lora = WanPipeline.lora_state_dict(final)
     assert lora and all(k.startswith("transformer.") for k in lora)
