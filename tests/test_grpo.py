@@ -96,18 +96,46 @@ def test_reward_failure_policies(tmp_path, monkeypatch):
     assert all(torch.allclose(before[k], after[k]) for k in before)
 
 
-def test_non_finite_loss_stops_with_a_checkpoint(tmp_path, monkeypatch):
-    tr = trainer(tmp_path, "train.iterations=2")
-    real = tr.loss
+def _checkpoint_weights(tmp_path, name: str, which: str) -> dict:
+    return ckpt.load_checkpoint(tmp_path / name / "checkpoints" / which)[0]
 
-    def nan_loss(*args):
-        loss, stats = real(*args)
-        return loss * float("nan"), stats
 
-    monkeypatch.setattr(tr, "loss", nan_loss)
-    with pytest.raises(FlowalignError, match="loss is nan at iteration 0: stopped; the last good state is in"):
+def test_a_non_finite_loss_names_a_checkpoint_that_is_truly_good(tmp_path, monkeypatch):
+    """NaN in iteration 1's second update (its first one already applied): nothing of iteration 1 is saved, and
+    the checkpoint the error names holds iteration 0's weights exactly. Before anything was saved, it says so."""
+    clean = trainer(tmp_path, "train.iterations=2", "train.checkpoint_every=1", "train.updates_per_iteration=2",
+                    name="clean")
+    clean.fit(progress=False)
+    tr = trainer(tmp_path, "train.iterations=3", "train.checkpoint_every=1", "train.updates_per_iteration=2")
+    real, calls = tr.loss, []
+
+    def nan_in_the_second_update_of_iteration_1(batch, *args):
+        loss, stats = real(batch, *args)
+        calls.append(batch.iteration)
+        return (loss * float("nan") if calls.count(1) == 3 else loss), stats  # 2 minibatches per update
+
+    monkeypatch.setattr(tr, "loss", nan_in_the_second_update_of_iteration_1)
+    with pytest.raises(FlowalignError, match=r"^loss is nan at iteration 1: stopped; the last good state is in "
+                                             r".*checkpoint-1 \(resume with"):
         tr.fit(progress=False)
-    assert ckpt.resolve(tmp_path / "run" / "checkpoints", "latest").name == "checkpoint-0"
+    assert ckpt.resolve(tmp_path / "run" / "checkpoints", "latest").name == "checkpoint-1"
+    good, expected = _checkpoint_weights(tmp_path, "run", "checkpoint-1"), _checkpoint_weights(tmp_path, "clean",
+                                                                                               "checkpoint-1")
+    assert all(torch.equal(good[k], expected[k]) for k in expected)
+    first = trainer(tmp_path, "train.iterations=1", name="first")
+    monkeypatch.setattr(first, "loss", lambda *a: (lambda out: (out[0] * float("nan"), out[1]))(real(*a)))
+    with pytest.raises(FlowalignError, match="no checkpoint was written before it"):
+        first.fit(progress=False)
+
+
+def test_weights_that_are_not_finite_are_never_saved(tmp_path):
+    """An lr of 1e30 blows the weights up: the run stops with one line and every checkpoint on disk is finite."""
+    tr = trainer(tmp_path, "train.iterations=4", "train.checkpoint_every=1", "train.lr=1e30",
+                 "train.max_grad_norm=0")
+    with pytest.raises(FlowalignError, match="stopped; "):
+        tr.fit(progress=False)
+    for folder in ckpt.list_checkpoints(tmp_path / "run" / "checkpoints"):
+        assert all(torch.isfinite(v).all() for v in ckpt.load_checkpoint(folder)[0].values()), folder
 
 
 def test_kl_to_the_lora_off_base_is_zero_at_the_start(tmp_path):
@@ -155,20 +183,53 @@ def test_training_options_run(tmp_path, options):
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
-def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, monkeypatch):
-    tr = trainer(tmp_path, "train.iterations=3")
-    real = tr.run_iteration
+def test_ctrl_c_finishes_the_iteration_then_checkpoints_and_resumes_exactly(tmp_path, monkeypatch, capsys):
+    """SIGINT in the middle of iteration 1's update: the iteration finishes, checkpoint-2 holds iterations 0-1,
+    the run exits 130; resumed, it ends with the uninterrupted run's weights bit for bit."""
+    import os
+    import signal
 
-    def interrupt_second(i):
-        if i == 1:
+    straight = trainer(tmp_path, "train.iterations=3", "train.updates_per_iteration=2", name="straight")
+    straight.fit(progress=False)
+    tr = trainer(tmp_path, "train.iterations=3", "train.updates_per_iteration=2")
+    real, calls = tr.loss, []
+
+    def interrupted(batch, *args):
+        calls.append(batch.iteration)
+        if calls.count(1) == 1:  # between iteration 1's two updates
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(batch, *args)
+
+    monkeypatch.setattr(tr, "loss", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        tr.fit(progress=False)
+    assert exit_info.value.code == 130 and calls.count(1) == calls.count(0) and 2 not in calls  # 1 ran whole
+    assert "finishing iteration 1 first" in capsys.readouterr().out
+    assert ckpt.resolve(tmp_path / "run" / "checkpoints", "latest").name == "checkpoint-2"
+    resumed = trainer(tmp_path, "train.iterations=3", "train.updates_per_iteration=2")
+    resumed.fit(resume="latest", progress=False)
+    a = trainable_state(straight.gen.trainable_module, True)
+    b = trainable_state(resumed.gen.trainable_module, True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_second_ctrl_c_discards_the_unfinished_iteration(tmp_path, monkeypatch, capsys):
+    """Ctrl-C twice (or an interrupt from elsewhere) mid-update: nothing of the iteration is saved."""
+    tr = trainer(tmp_path, "train.iterations=3", "train.checkpoint_every=1", "train.updates_per_iteration=2")
+    real, calls = tr.loss, []
+
+    def interrupted(batch, *args):
+        calls.append(batch.iteration)
+        if calls.count(1) == 3:  # iteration 1's first update (2 minibatches) is applied
             raise KeyboardInterrupt
-        return real(i)
+        return real(batch, *args)
 
-    monkeypatch.setattr(tr, "run_iteration", interrupt_second)
+    monkeypatch.setattr(tr, "loss", interrupted)
     with pytest.raises(SystemExit) as exit_info:
         tr.fit(progress=False)
     assert exit_info.value.code == 130
-    assert ckpt.resolve(tmp_path / "run" / "checkpoints", "latest").name == "checkpoint-1"
+    assert "interrupted during iteration 1: discarded; the last good state is in" in capsys.readouterr().out
+    assert [c.name for c in ckpt.list_checkpoints(tmp_path / "run" / "checkpoints")] == ["checkpoint-1"]
 
 
 def test_tensorboard_scalars_and_samples(tmp_path):

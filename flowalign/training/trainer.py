@@ -24,6 +24,7 @@ from ..generators.memory import place_text_encoders
 from ..seeds import derive_seed
 from . import checkpoint as ckpt
 from .batch import IterationBatch
+from .interrupts import stop_at_boundaries
 from .lora import add_lora, load_trainable_state, save_lora_diffusers, trainable_state
 from .prompts import iteration_prompts, local_samples, read_prompt_file
 from .scoring import REWARD_FAILURES, OverlappedScoring
@@ -177,37 +178,57 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def fit(self, resume: str | None = None, progress: bool = True) -> list[dict]:
+        """Run the remaining iterations. Ctrl-C finishes the running iteration, checkpoints and exits (130); a
+        second Ctrl-C, or a non-finite loss, stops at once and the unfinished iteration is discarded."""
         from tqdm import tqdm
 
         if resume:
             self.resume(resume)
         bar = tqdm(total=self.t.iterations, initial=self.iteration, desc=self.cfg.method,
                    disable=not (progress and self.acc.is_main_process))
+        announce = lambda: print(f"flowalign: interrupted; finishing iteration {self.iteration} first "  # noqa: E731
+                                 "(Ctrl-C again to discard it)", flush=True)
         try:
-            while self.iteration < self.t.iterations:
-                start = time.perf_counter()
-                metrics, batch = self.run_iteration(self.iteration)
-                metrics["time/iteration"] = time.perf_counter() - start
-                metrics["lr"] = self.optimizer.param_groups[0]["lr"]
-                self.history.append({"iteration": self.iteration, **metrics})
-                self.acc.log(metrics, step=self.iteration)
-                self.iteration += 1
-                bar.update(1)
-                bar.set_postfix(reward=f"{metrics['reward/mean']:.4f}")
-                if self.t.checkpoint_every and self.iteration % self.t.checkpoint_every == 0:
-                    self.save_checkpoint()
-                    self.log_samples(batch.media)
+            with stop_at_boundaries(announce) as stop:
+                while self.iteration < self.t.iterations and not stop.requested:
+                    self._iterate(bar)
+            if stop.requested:
+                path = self.save_checkpoint()
+                print(f"flowalign: stopped after iteration {self.iteration - 1}; saved {path} "
+                      "(resume with --resume_from_checkpoint latest)")
+                raise SystemExit(130)
         except KeyboardInterrupt:
-            path = self.save_checkpoint()
-            print(f"flowalign: interrupted; saved {path} (resume with --resume_from_checkpoint latest)")
+            print(f"flowalign: interrupted during iteration {self.iteration}: discarded; "
+                  f"{self._last_good()}")
             raise SystemExit(130) from None
         except NonFiniteLoss as err:
             self.optimizer.zero_grad(set_to_none=True)
-            path = self.save_checkpoint()
-            raise FlowalignError(f"{err}: stopped; the last good state is in {path}") from None
+            raise FlowalignError(f"{err}: stopped; {self._last_good()}") from None
         finally:
             bar.close()
         return self.history
+
+    def _iterate(self, bar) -> None:
+        """One iteration, logged; a checkpoint when it is due."""
+        start = time.perf_counter()
+        metrics, batch = self.run_iteration(self.iteration)
+        metrics["time/iteration"] = time.perf_counter() - start
+        metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+        self.history.append({"iteration": self.iteration, **metrics})
+        self.acc.log(metrics, step=self.iteration)
+        self.iteration += 1
+        bar.update(1)
+        bar.set_postfix(reward=f"{metrics['reward/mean']:.4f}")
+        if self.t.checkpoint_every and self.iteration % self.t.checkpoint_every == 0:
+            self.save_checkpoint()
+            self.log_samples(batch.media)
+
+    def _last_good(self) -> str:
+        """Where a stopped run resumes from: the newest complete checkpoint (each holds whole iterations with
+        finite weights), or that there is none."""
+        found = ckpt.resolve(self.out / "checkpoints", "latest")
+        return (f"the last good state is in {found} (resume with --resume_from_checkpoint latest)" if found
+                else "no checkpoint was written before it (nothing to resume)")
 
     def log_samples(self, media: torch.Tensor | None) -> None:
         """A grid of the latest samples in tensorboard (main process); video: a row of frames per clip."""
@@ -228,8 +249,10 @@ class Trainer:
 
     def save_checkpoint(self) -> Path | None:
         """Checkpoint the completed iterations: the whole state, gathered from every process's share (main process
-        writes; everyone waits)."""
+        writes; everyone waits). Weights that are not finite are never saved."""
         self.acc.wait_for_everyone()
+        if not bool(torch.stack([torch.isfinite(p).all() for p in self.params]).all()):
+            raise NonFiniteLoss(f"the weights are not finite after iteration {self.iteration - 1}")
         weights = trainable_state(self.gen.trainable_module, self.lora, self._gathered_state())
         policy_optimizer = full_optimizer_state(self.gen.wrapped_module, self.optimizer)  # a collective
         extra_weights, extra_optimizers = self.method.extra_state(self)
