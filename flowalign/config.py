@@ -61,6 +61,8 @@ class RewardConfig:
     aggregate: Literal["reward", "advantage"] = "reward"
     #: A reward that fails (raises, NaN, times out): ``stop`` the run, or ``skip`` the affected samples.
     on_error: Literal["stop", "skip"] = "stop"
+    timeout_s: float = bounded(600.0, min=0.0, doc="seconds a reward call may take before it counts as failed (0: "
+                                                  "no limit)")
     overlap_prompts: int = bounded(0, min=0, doc="score while sampling: prompts per part sent to the reward as "
                                                "they finish (0: sample everything, then score)")
     concurrency: int = bounded(2, min=1, doc="parts scored at once while sampling goes on")

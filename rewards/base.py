@@ -87,7 +87,10 @@ class Reward(nn.Module):
         with grad:
             chunks = [self._score(media[i:i + self.batch_size].to(device, dtype), prompts[i:i + self.batch_size],
                                   metadata[i:i + self.batch_size]) for i in range(0, n, self.batch_size)]
-        scores = torch.cat(chunks).float().to(media.device)
+        scores = torch.cat([c.reshape(-1) for c in chunks]).float().to(media.device)
+        if scores.numel() != n or any(c.numel() != len(prompts[i * self.batch_size:(i + 1) * self.batch_size])
+                                      for i, c in enumerate(chunks)):
+            raise RewardError(f"reward {self.name}: {scores.numel()} scores for {n} samples")
         return check_finite(scores, self.name)
 
     def forward(self, media: torch.Tensor, prompts: list[str] | None = None,

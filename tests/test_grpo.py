@@ -86,7 +86,7 @@ def test_reward_failure_policies(tmp_path, monkeypatch):
         raise rewards.RewardError("reward toy/bold_digit: non-finite score nan for sample 3")
 
     tr = trainer(tmp_path, "train.iterations=1")
-    monkeypatch.setattr(type(tr.reward), "score_parts", broken)
+    monkeypatch.setattr(type(tr.reward), "score_all", broken)
     with pytest.raises(FlowalignError, match="reward failed at iteration 0 .*reward.on_error=skip"):
         tr.fit(progress=False)
     skip = trainer(tmp_path, "train.iterations=1", "reward.on_error=skip", name="skip")

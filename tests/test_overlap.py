@@ -69,9 +69,9 @@ def test_reward_failures_are_handled_part_by_part(tmp_path):
     calls = []
 
     def flaky(score_all):
-        def score(media, prompts=None, metadata=None):
+        def score(media, prompts=None, metadata=None):  # fails on the second prompt's samples, however sent
             calls.append(len(prompts))
-            if len(calls) == 2:
+            if any(m["group"] == 1 for m in metadata):
                 raise rewards.RewardError("reward toy/bold_digit: server answered 503")
             return score_all(media, prompts, metadata)
         return score

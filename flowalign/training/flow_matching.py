@@ -25,7 +25,7 @@ class FlowMatchingTrainer(Trainer):
         group = self.method.samples_per_prompt
         select = torch.tensor(self.local_samples(group))
         sigmas = gen.sigmas(t.steps)
-        scorer = self.overlapped_scoring(prompts, meta)
+        scorer = self.overlapped_scoring(prompts, meta, iteration)
         latents = []
         with torch.no_grad():
             for part in self.sampling_parts(sorted(set((select // group).tolist()))):

@@ -50,7 +50,7 @@ class PolicyGradientTrainer(Trainer):
         sample = self._shared_trunks if self.method.shares_trunks else self._independent
         per_prompt = 1 if self.method.shares_trunks else self.method.options.group_size
         mine = sorted({s // per_prompt for s in self.local_samples(per_prompt)})  # prompts this process samples
-        scorer = self.overlapped_scoring(prompts, meta)
+        scorer = self.overlapped_scoring(prompts, meta, iteration)
         results = []
         with torch.no_grad():
             for part in self.sampling_parts(mine):

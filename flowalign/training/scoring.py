@@ -1,13 +1,18 @@
-"""Scoring while sampling goes on (``reward.overlap_prompts``): each finished part of an iteration's samples is
-decoded on the calling thread and scored on a worker thread, at most ``reward.concurrency`` parts at once, so a
-slow or remote reward costs about max(sampling, scoring) instead of their sum.
+"""Scoring in training: guarded against failing rewards, and optionally while sampling goes on.
 
-Parts hold whole prompts, so a pairwise judge still sees a whole group. The weighted (and normalised) reward is
-formed once every part is back, over the whole batch, as scoring it in one call would; a part whose reward fails
-follows ``reward.on_error`` (``skip``: that part's samples are NaN).
+``guarded_scores``: any exception from a reward, a wrong number of scores, a non-finite score or a call longer
+than ``reward.timeout_s`` follows ``reward.on_error``: ``stop`` (one line), or ``skip``, where the samples are
+scored again one at a time and only those that still fail are NaN (a pairwise judge compares whole groups, so its
+whole call is).
+
+``OverlappedScoring`` (``reward.overlap_prompts``): each finished part of an iteration's samples is decoded on the
+calling thread and scored on a worker thread, at most ``reward.concurrency`` parts at once, so a slow or remote
+reward costs about max(sampling, scoring) instead of their sum. Parts hold whole prompts. The weighted (and
+normalised) reward is formed once every part is back, over the whole batch, as scoring it in one call would.
 """
 from __future__ import annotations
 
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -16,15 +21,67 @@ from .. import rewards as reward_lib
 from ..errors import FlowalignError
 from .batch import IterationBatch
 
-#: what a failing reward may raise (anything else is a bug and propagates)
-REWARD_FAILURES = (reward_lib.RewardError, TimeoutError, OSError)
+
+def call_with_timeout(fn, timeout: float, *args):
+    """``fn(*args)`` on a daemon thread, waiting at most ``timeout`` seconds (0: no limit). A call that does not
+    return is left behind (a daemon thread does not hold up the process's exit)."""
+    if not timeout:
+        return fn(*args)
+    box: dict = {}
+
+    def run():
+        try:
+            box["value"] = fn(*args)
+        except BaseException as err:  # handed to the caller's thread
+            box["error"] = err
+
+    thread = threading.Thread(target=run, daemon=True, name="reward-call")
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise TimeoutError(f"no answer within reward.timeout_s={timeout:g}")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text if isinstance(err, reward_lib.RewardError) else f"{type(err).__name__}: {text}"
+
+
+def guarded_scores(trainer, media: torch.Tensor, prompts: list[str], metadata: list[dict],
+                   iteration: int) -> dict[str, torch.Tensor]:
+    """Every reward part's raw scores for ``media``, with ``reward.on_error`` applied to any failure."""
+    reward, options = trainer.reward, trainer.cfg.reward
+    try:
+        return call_with_timeout(reward.score_all, options.timeout_s, media, prompts, metadata)
+    except Exception as err:  # a plug-in may raise anything
+        if options.on_error == "stop":
+            raise FlowalignError(f"reward failed at iteration {iteration} ({_one_line(err)}); stopping (set "
+                                 "reward.on_error=skip to skip such samples)") from None
+        failure = err
+    nan = lambda n: {name: torch.full((n,), float("nan"), device=media.device) for name in reward.parts}  # noqa: E731
+    pairwise = any(isinstance(part, reward_lib.PairwiseReward) for part in reward.parts.values())
+    rows = []
+    for i in range(len(media) if not pairwise and len(media) > 1 else 0):
+        try:
+            rows.append(call_with_timeout(reward.score_all, options.timeout_s, media[i:i + 1], prompts[i:i + 1],
+                                          metadata[i:i + 1]))
+        except Exception:  # this sample is skipped
+            rows.append(nan(1))
+    scores = {name: torch.cat([r[name].detach() for r in rows]) for name in reward.parts} if rows else nan(len(media))
+    skipped = int(torch.isnan(torch.stack(list(scores.values()))).any(dim=0).sum())
+    print(f"flowalign: warning: reward failed at iteration {iteration} ({_one_line(failure)}); skipping {skipped} "
+          f"of {len(media)} samples")
+    return scores
 
 
 class OverlappedScoring:
     """Submit parts as they finish; ``finish`` waits for them and fills the batch's media and rewards."""
 
-    def __init__(self, trainer, prompts: list[str], metadata: list[dict]):
-        self.trainer, self.prompts, self.metadata = trainer, prompts, metadata
+    def __init__(self, trainer, prompts: list[str], metadata: list[dict], iteration: int):
+        self.trainer, self.prompts, self.metadata, self.iteration = trainer, prompts, metadata, iteration
         self.pool = ThreadPoolExecutor(max_workers=trainer.cfg.reward.concurrency, thread_name_prefix="reward")
         self.media: list[torch.Tensor] = []
         self.futures: list[Future] = []
@@ -36,27 +93,16 @@ class OverlappedScoring:
         prompts = [self.prompts[r] for r in rows]
         metadata = [{**self.metadata[r], "group": g} for r, g in zip(rows, groups)]
         self.media.append(media)
-        self.futures.append(self.pool.submit(self.trainer.reward.score_all, media, prompts, metadata))
+        self.futures.append(self.pool.submit(guarded_scores, self.trainer, media, prompts, metadata,
+                                             self.iteration))
 
     def finish(self, batch: IterationBatch) -> None:
         """Every part's raw scores, in order; then the weighted reward over the whole batch."""
         try:
-            parts = [self._result(future, len(media), batch.iteration, media.device)
-                     for future, media in zip(self.futures, self.media)]
+            parts = [future.result() for future in self.futures]
         finally:
             self.pool.shutdown(wait=True, cancel_futures=True)
         batch.media = torch.cat(self.media)
-        names = list(self.trainer.reward.parts)
-        raw = {name: torch.cat([p[name] for p in parts]) for name in names}
+        raw = {name: torch.cat([p[name] for p in parts]) for name in self.trainer.reward.parts}
         batch.rewards = self.trainer.reward.combine(raw)
         batch.reward_parts = raw if all(torch.isfinite(v).all() for v in raw.values()) else {}
-
-    def _result(self, future: Future, n: int, iteration: int, device) -> dict[str, torch.Tensor]:
-        try:
-            return {k: v.detach() for k, v in future.result().items()}
-        except REWARD_FAILURES as err:
-            if self.trainer.cfg.reward.on_error == "stop":
-                raise FlowalignError(f"reward failed at iteration {iteration} ({err}); stopping (set "
-                                     "reward.on_error=skip to skip such samples)") from None
-            print(f"flowalign: warning: reward failed at iteration {iteration} ({err}); skipping {n} samples")
-            return {name: torch.full((n,), float("nan"), device=device) for name in self.trainer.reward.parts}

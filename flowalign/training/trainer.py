@@ -27,7 +27,7 @@ from .batch import IterationBatch
 from .interrupts import stop_at_boundaries
 from .lora import add_lora, load_trainable_state, save_lora_diffusers, trainable_state
 from .prompts import iteration_prompts, local_samples, read_prompt_file
-from .scoring import REWARD_FAILURES, OverlappedScoring
+from .scoring import OverlappedScoring, guarded_scores
 from .state import full_optimizer_state, load_full_optimizer_state
 
 
@@ -125,25 +125,18 @@ class Trainer:
         size = self.cfg.reward.overlap_prompts or len(prompts)
         return [prompts[i:i + size] for i in range(0, len(prompts), size)]
 
-    def overlapped_scoring(self, prompts: list[str], metadata: list[dict]) -> OverlappedScoring | None:
+    def overlapped_scoring(self, prompts: list[str], metadata: list[dict],
+                           iteration: int) -> OverlappedScoring | None:
         """A scorer for parts as they finish (``reward.overlap_prompts``), or None: score after sampling."""
-        return OverlappedScoring(self, prompts, metadata) if self.cfg.reward.overlap_prompts else None
+        return OverlappedScoring(self, prompts, metadata, iteration) if self.cfg.reward.overlap_prompts else None
 
     def score(self, batch: IterationBatch) -> None:
         """Decode the leaves and score them into ``batch``; a failing reward follows ``reward.on_error``
-        (``skip``: this batch's rewards are NaN and those samples get advantage 0)."""
+        (``skip``: the samples it fails on are NaN and get advantage 0; see ``scoring.guarded_scores``)."""
         self.decode(batch)
-        try:
-            batch.rewards, batch.reward_parts = self.reward.score_parts(batch.media, batch.leaf_prompts,
-                                                                        batch.leaf_metadata())
-        except REWARD_FAILURES as err:
-            if self.cfg.reward.on_error == "stop":
-                raise FlowalignError(f"reward failed at iteration {batch.iteration} ({err}); "
-                                     "stopping (set reward.on_error=skip to skip such samples)") from None
-            print(f"flowalign: warning: reward failed at iteration {batch.iteration} ({err}); "
-                  "skipping these samples")
-            batch.rewards = torch.full((batch.media.shape[0],), float("nan"), device=batch.media.device)
-            batch.reward_parts = {}
+        raw = guarded_scores(self, batch.media, batch.leaf_prompts, batch.leaf_metadata(), batch.iteration)
+        batch.rewards = self.reward.combine(raw)
+        batch.reward_parts = raw if all(bool(torch.isfinite(v).all()) for v in raw.values()) else {}
 
     def gathered(self, local: torch.Tensor, batch: IterationBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Every process's values of ``local`` ([L] per leaf) ordered by leaf id, and where this process's
