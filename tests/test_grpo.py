@@ -356,3 +356,21 @@ def test_gradient_checkpointing_is_on_and_changes_no_gradient(tmp_path):
         grads[flag] = recorded_gradients(tr)
         tr.fit(progress=False)
     torch.testing.assert_close(grads[True][0], grads[False][0], rtol=1e-4, atol=1e-6)
+
+
+def test_final_lora_files_are_byte_identical_across_processes(tmp_path):
+    """Two processes with different string hash seeds save the same LoRA: the same bytes (a set in the adapter
+    metadata, ``target_modules``, used to be written in hash order)."""
+    import subprocess
+    import sys
+
+    script = ("import sys; from flowalign.config import load_config; from flowalign.training import make_trainer; "
+              f"cfg = load_config('configs/toy/digits_flow_grpo.yaml', {SMALL!r} + ['output_dir=' + sys.argv[1]]); "
+              "make_trainer(cfg).save_final()")
+    files = []
+    for hash_seed in ("1", "2"):
+        out = tmp_path / hash_seed
+        subprocess.run([sys.executable, "-c", script, str(out)], check=True,
+                       env={**__import__("os").environ, "PYTHONHASHSEED": hash_seed})
+        files.append((out / "final" / "pytorch_lora_weights.safetensors").read_bytes())
+    assert files[0] == files[1]

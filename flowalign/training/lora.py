@@ -1,6 +1,8 @@
 """LoRA through peft on a diffusers model: add, read out, save in the diffusers format, switch off."""
 from __future__ import annotations
 
+import json
+import os
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -52,20 +54,37 @@ def save_lora_diffusers(module: nn.Module, directory: str | Path,
     loader then drops those), plus the adapter config as metadata, so the loader keeps ``lora_alpha / r``.
     A pipeline without ``save_lora_weights`` (StableAudioPipeline) gets the same file, which the component's
     own ``load_lora_adapter(directory, use_safetensors=True)`` (diffusers' PeftAdapterMixin, prefix = component) loads.
+    Identical weights give a byte-identical file: the metadata's sets (``target_modules``) are written sorted.
     """
     import diffusers
     from diffusers.loaders.lora_base import LoraBaseMixin
     from peft import get_peft_model_state_dict
 
     layers = get_peft_model_state_dict(module, state_dict=full_state)
-    metadata = module.peft_config["default"].to_dict()
+    metadata = {k: sorted(v) if isinstance(v, set) else v  # a set's order changes between processes
+                for k, v in module.peft_config["default"].to_dict().items()}
     pipeline = getattr(diffusers, pipeline_class)
     if hasattr(pipeline, "save_lora_weights"):
         pipeline.save_lora_weights(str(directory), **{f"{component}_lora_layers": layers,
                                                       f"{component}_lora_adapter_metadata": metadata})
     else:  # what every pipeline's save_lora_weights calls
         LoraBaseMixin._save_lora_weights(str(directory), {component: layers}, {component: metadata})
+    canonical_header(Path(directory) / "pytorch_lora_weights.safetensors")
     return Path(directory)
+
+
+def canonical_header(path: Path) -> None:
+    """Rewrite a safetensors header with sorted keys. Written by hand because safetensors serialises its
+    ``__metadata__`` map in hash order, so identical weights would otherwise give different bytes."""
+    import struct
+
+    raw = path.read_bytes()
+    size = struct.unpack("<Q", raw[:8])[0]
+    header = json.dumps(json.loads(raw[8:8 + size]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the data section stays 8-byte aligned, as safetensors writes it
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(struct.pack("<Q", len(header)) + header + raw[8 + size:])
+    os.replace(tmp, path)
 
 
 @contextmanager
