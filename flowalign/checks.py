@@ -3,7 +3,9 @@ the combinations they declare, what a real model needs, and what runs on more th
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Mapping
+from pathlib import Path
 
 from .config import RunConfig
 from .methods import combines, get_method, modifiers
@@ -87,6 +89,19 @@ def check_engine(engine: str, t) -> None:
     if engine == "FSDP" and t.ema_decay > 0:
         raise ConfigError("train.ema_decay: under FSDP each process's EMA would average only its shard of the "
                           "weights; use DDP, or set train.ema_decay=0")
+
+
+def check_output_dir(path: str | Path, field: str = "output_dir") -> None:
+    """The folder exists or can be made, and a file can be written in it; one line otherwise (before anything
+    loads, so a run never trains only to fail at its first checkpoint)."""
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder, prefix=".write-test-") as probe:
+            probe.write(b"flowalign")
+            probe.flush()
+    except OSError as err:
+        raise ConfigError(f"{field}: cannot write to '{path}' ({err.strerror or err})") from None
 
 
 def whole_prompt_reasons(cfg: RunConfig) -> list[tuple[str, str]]:

@@ -30,6 +30,9 @@ def eval_prompts(cfg: RunConfig) -> tuple[list[str], list[dict]]:
 
 def evaluate(cfg: RunConfig, print_fn=print) -> dict:
     """Generate, score, write ``samples.png`` and ``eval.json`` to ``cfg.output_dir``, print a table."""
+    from .checks import check_output_dir
+
+    check_output_dir(cfg.output_dir)
     scorers = {name: reward_lib.load(name) for name in cfg.eval.rewards}
     generator = load_generator(cfg.model.name, cfg.model.dtype, local_files_only=cfg.model.local_files_only,
                                **cfg.model.options)

@@ -74,9 +74,12 @@ def test_checkpoints_are_atomic_and_limited(tmp_path):
         ckpt.save_checkpoint(root, i, w, {}, {"history": []}, limit=2)
     assert [p.name for p in ckpt.list_checkpoints(root)] == ["checkpoint-4", "checkpoint-5"]
     (root / ".tmp-checkpoint-6").mkdir()  # a kill while writing checkpoint 6
-    (root / "checkpoint-7").mkdir()  # a folder without state.json is not a checkpoint
-    assert ckpt.resolve(root, "latest").name == "checkpoint-5"
-    with pytest.raises(FileNotFoundError, match="not a checkpoint folder"):
+    (root / "checkpoint-7").mkdir()  # a folder without a manifest is skipped
+    warnings = []
+    assert ckpt.resolve(root, "latest", warn=warnings.append).name == "checkpoint-5"
+    assert warnings == [f"flowalign: warning: skipping {root / 'checkpoint-7'}: no manifest.json (incomplete, or "
+                        "written by a flowalign without manifests)"]
+    with pytest.raises(ckpt.CheckpointError, match="not a checkpoint folder"):
         ckpt.resolve(root, str(tmp_path / "nowhere"))
 
 

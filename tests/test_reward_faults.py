@@ -64,3 +64,38 @@ def test_a_failing_plug_in_follows_on_error(tmp_path, kind):
         assert batch.leaf_advantages[BAD] == 0 and bool((batch.leaf_advantages[~nan] != 0).any())
     finally:
         released.set()
+
+
+def test_the_report_leaves_out_held_out_samples_whose_reward_failed(tmp_path, monkeypatch, capsys):
+    """``skip`` at evaluation: the held-out samples of one digit fail; the report's means are over the others and
+    say how many were skipped; the run ends normally (it used to exit with status 2)."""
+    import json
+
+    import flowalign.training.run as run
+
+    real_make, real_score = run.make_trainer, None
+
+    def make(cfg):
+        nonlocal real_score
+        tr = real_make(cfg)
+        part = tr.reward.parts["toy/bold_digit"]
+        real_score = part._score
+
+        def fails_on_threes(media, prompts, metadata):
+            if any(m.get("digit") == 3 for m in metadata or []):
+                raise ValueError("cannot score a three")
+            return real_score(media, prompts, metadata)
+        part._score = fails_on_threes
+        return tr
+
+    monkeypatch.setattr(run, "make_trainer", make)
+    metrics = run.train("configs/toy/digits_flow_grpo.yaml",
+                        [*SMALL, "train.eval_prompts=20", "train.eval_steps=4", "reward.on_error=skip",
+                         f"output_dir={tmp_path}"], progress=False)
+    threes = sum(m["digit"] == 3 for m in run.heldout_prompts(20, None)[1])
+    assert threes > 0
+    saved = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert saved["reward_before_skipped"] == saved["reward_after_skipped"] == threes
+    assert torch.isfinite(torch.tensor([saved["reward_before"], saved["reward_after"]])).all()
+    assert metrics["reward_after"] == saved["reward_after"]
+    assert "skipping" in capsys.readouterr().out

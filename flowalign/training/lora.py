@@ -32,6 +32,15 @@ def trainable_state(module: nn.Module, lora: bool,
     return {k: v.detach().clone() for k, v in (full_state or module.state_dict()).items()}
 
 
+def trainable_shapes(module: nn.Module, lora: bool) -> dict[str, tuple[int, ...]]:
+    """The names and shapes ``trainable_state`` would save, without copying or gathering anything."""
+    if lora:
+        from peft import get_peft_model_state_dict
+
+        return {k: tuple(v.shape) for k, v in get_peft_model_state_dict(module).items()}
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
 def load_trainable_state(module: nn.Module, state: dict[str, torch.Tensor], lora: bool) -> None:
     if lora:
         from peft import set_peft_model_state_dict

@@ -53,8 +53,15 @@ def write_report(out: Path, before: tuple, after: tuple, history: list[dict], ex
     fig.tight_layout()
     fig.savefig(report / "reward_curve.png", dpi=100)
     plt.close(fig)
-    metrics = {"reward_before": before[1].mean().item(), "reward_after": after[1].mean().item(),
-               "reward_before_std": before[1].std().item(), "reward_after_std": after[1].std().item(),
-               "history": history, **extra}
+    metrics = {**_summary("reward_before", before[1]), **_summary("reward_after", after[1]), "history": history,
+               **extra}
     (report / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
+
+
+def _summary(name: str, scores: torch.Tensor) -> dict[str, float | int]:
+    """Mean and std over the samples the reward scored; how many it skipped (NaN: ``reward.on_error=skip``)."""
+    scored = scores[torch.isfinite(scores)].float()
+    return {name: scored.mean().item() if scored.numel() else float("nan"),
+            f"{name}_std": scored.std().item() if scored.numel() > 1 else 0.0,
+            f"{name}_skipped": int(scores.numel() - scored.numel())}

@@ -4,8 +4,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import RunConfig, load_config
+from ..errors import FlowalignError
 from . import make_trainer
 from .report import evaluate_policy, heldout_prompts, write_report
+from .scoring import GuardedEvaluation
 
 
 def train(config: str | Path | RunConfig | None = None, overrides: list[str] = (), resume: str | None = None,
@@ -16,16 +18,28 @@ def train(config: str | Path | RunConfig | None = None, overrides: list[str] = (
     trainer = make_trainer(cfg)
     t = trainer.t
     prompts, meta = heldout_prompts(t.eval_prompts, trainer.file_prompts, trainer.world)
-    before = evaluate_policy(trainer.gen, trainer.reward, prompts, meta, t.eval_steps, t.guidance) if prompts else None
+    evaluation = lambda label: evaluate_policy(trainer.gen, GuardedEvaluation(trainer, label), prompts, meta,  # noqa: E731
+                                               t.eval_steps, t.guidance)
+    before = evaluation("the evaluation before training") if prompts else None
     history = trainer.fit(resume=resume, progress=progress)
-    final = trainer.save_final()
-    metrics = {"final": str(final)}
-    if trainer.acc.is_main_process and before is not None:
-        after = evaluate_policy(trainer.gen, trainer.reward, prompts, meta, t.eval_steps, t.guidance)
-        metrics = write_report(Path(cfg.output_dir), before, after, history,
-                               {"final": str(final), "method": cfg.method},
-                               getattr(trainer.gen, "sample_rate", None))
-        print_fn(f"reward on {len(prompts)} held-out prompts and seeds: {metrics['reward_before']:.4f} -> "
-                 f"{metrics['reward_after']:.4f}; report in {Path(cfg.output_dir) / 'report'}, LoRA in {final}")
+    try:
+        final = trainer.save_final()
+        metrics = {"final": str(final)}
+        if trainer.acc.is_main_process and before is not None:
+            metrics = write_report(Path(cfg.output_dir), before, evaluation("the evaluation after training"),
+                                   history, {"final": str(final), "method": cfg.method},
+                                   getattr(trainer.gen, "sample_rate", None))
+            print_fn(f"reward on {len(prompts)} held-out prompts and seeds: {metrics['reward_before']:.4f} -> "
+                     f"{metrics['reward_after']:.4f}{_skipped(metrics)}; report in "
+                     f"{Path(cfg.output_dir) / 'report'}, LoRA in {final}")
+    except OSError as err:
+        raise FlowalignError(f"could not write {err.filename or cfg.output_dir}: {err.strerror or err} (the "
+                             f"checkpoints under {trainer.out / 'checkpoints'} are intact)") from None
     trainer.acc.end_training()
     return metrics
+
+
+def _skipped(metrics: dict) -> str:
+    """`` (n samples skipped)`` when a failing reward skipped some held-out samples."""
+    n = metrics["reward_before_skipped"] + metrics["reward_after_skipped"]
+    return f" ({n} held-out samples skipped: their reward failed)" if n else ""

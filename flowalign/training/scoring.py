@@ -45,20 +45,24 @@ def call_with_timeout(fn, timeout: float, *args):
     return box["value"]
 
 
+def _where(iteration: int | str) -> str:
+    return f"iteration {iteration}" if isinstance(iteration, int) else iteration
+
+
 def _one_line(err: BaseException) -> str:
     text = " ".join(str(err).split())
     return text if isinstance(err, reward_lib.RewardError) else f"{type(err).__name__}: {text}"
 
 
 def guarded_scores(trainer, media: torch.Tensor, prompts: list[str], metadata: list[dict],
-                   iteration: int) -> dict[str, torch.Tensor]:
+                   iteration: int | str) -> dict[str, torch.Tensor]:
     """Every reward part's raw scores for ``media``, with ``reward.on_error`` applied to any failure."""
     reward, options = trainer.reward, trainer.cfg.reward
     try:
         return call_with_timeout(reward.score_all, options.timeout_s, media, prompts, metadata)
     except Exception as err:  # a plug-in may raise anything
         if options.on_error == "stop":
-            raise FlowalignError(f"reward failed at iteration {iteration} ({_one_line(err)}); stopping (set "
+            raise FlowalignError(f"reward failed at {_where(iteration)} ({_one_line(err)}); stopping (set "
                                  "reward.on_error=skip to skip such samples)") from None
         failure = err
     nan = lambda n: {name: torch.full((n,), float("nan"), device=media.device) for name in reward.parts}  # noqa: E731
@@ -72,9 +76,22 @@ def guarded_scores(trainer, media: torch.Tensor, prompts: list[str], metadata: l
             rows.append(nan(1))
     scores = {name: torch.cat([r[name].detach() for r in rows]) for name in reward.parts} if rows else nan(len(media))
     skipped = int(torch.isnan(torch.stack(list(scores.values()))).any(dim=0).sum())
-    print(f"flowalign: warning: reward failed at iteration {iteration} ({_one_line(failure)}); skipping {skipped} "
+    print(f"flowalign: warning: reward failed at {_where(iteration)} ({_one_line(failure)}); skipping {skipped} "
           f"of {len(media)} samples")
     return scores
+
+
+class GuardedEvaluation:
+    """The report's scorer: each part's raw scores through ``guarded_scores`` (so ``reward.on_error`` holds at
+    evaluation too), weighted but never normalised (the report speaks in the rewards' own units, and evaluating
+    leaves the running statistics alone). A skipped sample is NaN and left out of the report's means."""
+
+    def __init__(self, trainer, label: str):
+        self.trainer, self.label = trainer, label
+
+    def score(self, media: torch.Tensor, prompts: list[str], metadata: list[dict]) -> torch.Tensor:
+        raw = guarded_scores(self.trainer, media, prompts, metadata, self.label)
+        return sum(self.trainer.reward.weights[name] * s.detach() for name, s in raw.items())
 
 
 class OverlappedScoring:

@@ -16,7 +16,7 @@ import torch
 
 from .. import methods
 from .. import rewards as reward_lib
-from ..checks import check_engine, check_launch, check_training, whole_prompt_reasons
+from ..checks import check_engine, check_launch, check_output_dir, check_training, whole_prompt_reasons
 from ..config import RunConfig
 from ..errors import FlowalignError
 from ..generators import load_generator, toy_world
@@ -25,7 +25,7 @@ from ..seeds import derive_seed
 from . import checkpoint as ckpt
 from .batch import IterationBatch
 from .interrupts import stop_at_boundaries
-from .lora import add_lora, load_trainable_state, save_lora_diffusers, trainable_state
+from .lora import add_lora, load_trainable_state, save_lora_diffusers, trainable_shapes, trainable_state
 from .prompts import iteration_prompts, local_samples, read_prompt_file
 from .scoring import OverlappedScoring, guarded_scores
 from .state import full_optimizer_state, load_full_optimizer_state
@@ -43,6 +43,7 @@ class Trainer:
 
         t = cfg.train
         self.cfg, self.t, self.out = cfg, t, Path(cfg.output_dir)
+        check_output_dir(self.out)
         precision = {"mixed_precision": t.mixed_precision} if t.mixed_precision else {}
         self.acc = accelerator or Accelerator(log_with="tensorboard", project_dir=str(self.out), **precision)
         check_launch(self.acc.num_processes, torch.cuda.is_available())
@@ -256,7 +257,8 @@ class Trainer:
             state = {"history": self.history, "method": self.cfg.method, "num_processes": self.acc.num_processes,
                      "reward_normalization": self.reward.normalization_state()}
             path = ckpt.save_checkpoint(self.out / "checkpoints", self.iteration, {**weights, **extra_weights},
-                                        optimizers, state, ema, self.t.checkpoints_total_limit)
+                                        optimizers, state, ema, self.t.checkpoints_total_limit,
+                                        ckpt.shaping_config(self.cfg, self.gen.lora_target_modules))
         self.acc.wait_for_everyone()
         return path
 
@@ -269,10 +271,8 @@ class Trainer:
         return None
 
     def resume(self, which: str) -> None:
-        try:
-            path = ckpt.resolve(self.out / "checkpoints", which)
-        except FileNotFoundError as err:
-            raise FlowalignError(str(err)) from None
+        """Load a checkpoint (``latest``: the newest intact one); one line if it is corrupt or does not fit."""
+        path = ckpt.resolve(self.out / "checkpoints", which)
         if path is None:
             print(f"flowalign: no checkpoint under {self.out / 'checkpoints'}; starting from scratch")
             return
@@ -280,7 +280,14 @@ class Trainer:
         if state.get("method", self.cfg.method) != self.cfg.method:
             raise FlowalignError(f"{path}: a checkpoint of method {state['method']}, but this run's method is "
                                  f"{self.cfg.method}")
+        if state["iteration"] > self.t.iterations:
+            raise FlowalignError(f"{path}: holds {state['iteration']} iterations, more than this run's "
+                                 f"train.iterations ({self.t.iterations})")
         extra_names = set(self.method.extra_state(self)[0])
+        current = {**trainable_shapes(self.gen.trainable_module, self.lora),
+                   **{k: tuple(v.shape) for k, v in self.method.extra_state(self)[0].items()}}
+        ckpt.check_fits(path, weights, current, ckpt.read_manifest_config(path),
+                        ckpt.shaping_config(self.cfg, self.gen.lora_target_modules))
         self.method.load_extra_state(self, {k: v for k, v in weights.items() if k in extra_names}, optimizers)
         load_trainable_state(self.gen.trainable_module, {k: v.to(self.acc.device) for k, v in weights.items()
                                                          if k not in extra_names}, self.lora)
