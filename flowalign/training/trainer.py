@@ -43,12 +43,12 @@ class Trainer:
 
         t = cfg.train
         self.cfg, self.t, self.out = cfg, t, Path(cfg.output_dir)
-        check_output_dir(self.out)
         precision = {"mixed_precision": t.mixed_precision} if t.mixed_precision else {}
         self.acc = accelerator or Accelerator(log_with="tensorboard", project_dir=str(self.out), **precision)
         check_launch(self.acc.num_processes, torch.cuda.is_available())
         check_engine(self.acc.distributed_type.name, t)
         check_training(cfg, self.acc.num_processes)  # before anything heavy loads
+        check_output_dir(self.out)
         self.method = methods.build(cfg.method, cfg.options, t, cfg.modifiers)
         self.modifiers = list(self.method.modifiers.values())
         self.file_prompts = read_prompt_file(t.prompt_file) if t.prompt_file else None
