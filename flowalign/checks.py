@@ -11,6 +11,9 @@ from .config import RunConfig
 from .methods import combines, get_method, modifiers
 from .typed import ConfigError
 
+#: Samples one iteration makes at most, all processes together (each keeps its trajectories in memory).
+MAX_SAMPLES_PER_ITERATION = 1_000_000
+
 
 def check_run(cfg: RunConfig, where: str = "config") -> None:
     """Every rule that does not depend on the machine; a one-line ConfigError naming the fields."""
@@ -38,6 +41,8 @@ def check_run(cfg: RunConfig, where: str = "config") -> None:
                               "(use reward.on_error=stop)")
         if not cfg.reward.weights:
             raise ConfigError("reward.weights: expected at least one reward")
+        if not cfg.output_dir.strip():
+            raise ConfigError("output_dir: expected a folder name, got ''")
         from .rewards.registry import available
 
         unknown = [n for n in cfg.reward.weights if n not in available()]
@@ -62,6 +67,10 @@ def check_training(cfg: RunConfig, num_processes: int) -> None:
                           f"of processes ({num_processes}): {what} keeps a prompt's samples on one process ({why})")
     method = get_method(cfg.method)(cfg.options, t)
     total = t.prompts_per_iteration * method.samples_per_prompt
+    if total > MAX_SAMPLES_PER_ITERATION:
+        raise ConfigError(f"train.prompts_per_iteration ({t.prompts_per_iteration}) x samples per prompt "
+                          f"({method.samples_per_prompt}) = {total} samples per iteration, over the cap of "
+                          f"{MAX_SAMPLES_PER_ITERATION}")
     if cfg.reward.overlap_prompts and not getattr(method, "scores_pointwise", True):
         raise ConfigError(f"reward.overlap_prompts: method {cfg.method} scores whole sets of samples after sampling "
                           "(set reward.overlap_prompts=0)")
@@ -94,6 +103,8 @@ def check_engine(engine: str, t) -> None:
 def check_output_dir(path: str | Path, field: str = "output_dir") -> None:
     """The folder exists or can be made, and a file can be written in it; one line otherwise (before anything
     loads, so a run never trains only to fail at its first checkpoint)."""
+    if not str(path).strip():
+        raise ConfigError(f"{field}: expected a folder name, got '{path}'")
     folder = Path(path)
     try:
         folder.mkdir(parents=True, exist_ok=True)

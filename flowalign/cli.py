@@ -15,10 +15,18 @@ def _config_and_overrides(args: argparse.Namespace) -> tuple[str | None, list[st
     from .config import ConfigError
 
     given = ([args.config] if args.config is not None else []) + list(args.overrides)
-    files = [item for item in given if "=" not in item]
+    files = [item for item in given if "=" not in item or _is_file(item)]  # a config's path may hold '='
+
     if len(files) > 1:
         raise ConfigError(f"expected one config file and key=value overrides, got '{files[0]}' and '{files[1]}'")
-    return (files[0] if files else None), [item for item in given if "=" in item]
+    return (files[0] if files else None), [item for item in given if item not in files]
+
+
+def _is_file(item: str) -> bool:
+    try:
+        return Path(item).is_file()
+    except (OSError, ValueError):  # too long for a path, a NUL byte
+        return False
 
 
 def _cli_prompts(args: argparse.Namespace, command: str) -> list[str]:
@@ -27,30 +35,25 @@ def _cli_prompts(args: argparse.Namespace, command: str) -> list[str]:
 
     prompts = list(args.prompt or [])
     if args.prompt_file:
-        path = Path(args.prompt_file)
-        if not path.is_file():
-            raise ConfigError(f"--prompt-file: file '{path}' not found")
-        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        from .files import read_prompt_lines
+
+        prompts += read_prompt_lines(args.prompt_file, "--prompt-file")
     if not prompts:
         raise ConfigError(f"{command}: give at least one --prompt or a --prompt-file")
     return prompts
 
 
 def _cmd_generate(args: argparse.Namespace) -> None:
-    from .config import ConfigError
     from .generators import load_generator
     from .inference import generate, save_grid
 
     prompts = _cli_prompts(args, "generate")
-    for name, value, low in (("--num", args.num, 1), ("--steps", args.steps, 1)):
-        if value is not None and value < low:
-            raise ConfigError(f"{name}: expected an integer >= {low}, got {value}")
+    _check_generate_flags(args, len(prompts))
     generator = load_generator(args.model, args.dtype, local_files_only=args.local_files_only)
     batch = [p for p in prompts for _ in range(args.num)]
     media = generate(generator, batch, steps=args.steps, guidance=args.guidance, seed=args.seed,
                      negative_prompt=args.negative_prompt)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     if generator.modality == "video":  # one animation: frame t is the grid of every clip's frame t
         from .inference import save_video
 
@@ -64,8 +67,43 @@ def _cmd_generate(args: argparse.Namespace) -> None:
         paths = save_wav(media, out, sample_rate_of(generator))
         print(f"wrote {len(paths)} clips to {paths[0]}" + (f" ... {paths[-1].name}" if len(paths) > 1 else ""))
         return
+    out = out if out.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp") else out.with_suffix(".png")
     save_grid(media, out, nrow=args.num if len(prompts) > 1 else min(args.num, 10))
     print(f"wrote {len(batch)} samples to {out}")
+
+
+#: What one ``generate`` command makes at most (every sample is held in memory for the grid).
+MAX_GENERATE_SAMPLES = 1024
+OUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".mp4", ".wav")
+
+
+def _in_range(name: str, value, low, high) -> None:
+    """A number flag within [low, high] and finite (argparse's ``float`` takes ``nan`` and ``inf``)."""
+    import math
+
+    from .config import ConfigError
+
+    if value is not None and (not math.isfinite(value) or not low <= value <= high):
+        raise ConfigError(f"{name}: expected a number in [{low}, {high}], got {value}")
+
+
+def _check_generate_flags(args: argparse.Namespace, num_prompts: int) -> None:
+    """Every flag of ``generate`` before the model loads: ranges, the sample cap, a writable output file."""
+    from .checks import check_output_dir
+    from .config import ConfigError
+
+    for name, value, low, high in (("--num", args.num, 1, MAX_GENERATE_SAMPLES), ("--steps", args.steps, 1, 1000),
+                                   ("--guidance", args.guidance, 0, 100), ("--seed", args.seed, 0, 2 ** 62)):
+        _in_range(name, value, low, high)
+    if num_prompts * args.num > MAX_GENERATE_SAMPLES:
+        raise ConfigError(f"--num: {num_prompts} prompts x {args.num} = {num_prompts * args.num} samples, over the "
+                          f"cap of {MAX_GENERATE_SAMPLES} per command")
+    out = Path(args.out)
+    if not args.out or out.is_dir():
+        raise ConfigError(f"--out: expected a file name ending in {', '.join(OUT_SUFFIXES)}, got '{args.out}'")
+    if out.suffix.lower() not in OUT_SUFFIXES:
+        raise ConfigError(f"--out: unknown file type '{out.suffix}' (expected {', '.join(OUT_SUFFIXES)})")
+    check_output_dir(out.parent, "--out")
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
@@ -83,18 +121,25 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 def _cmd_embed_prompts(args: argparse.Namespace) -> None:
     """Encode a run's prompts (its prompt file and negative prompt) once and save them for train.prompt_embeds."""
+    from .checks import check_output_dir
     from .config import ConfigError, load_config
+    from .files import read_prompt_lines
     from .generators import PromptCache, load_generator
-    from .training import read_prompt_file
 
     cfg = load_config(*_config_and_overrides(args))
     source = args.prompt_file or cfg.train.prompt_file
     if not source:
         raise ConfigError("embed-prompts: give --prompt-file or set train.prompt_file (the toy prompt generator's "
                           "prompts are encoded on the fly: use train.cache_prompts)")
-    if not Path(source).is_file():
-        raise ConfigError(f"embed-prompts: prompt file '{source}' not found")
-    prompts = list(dict.fromkeys(read_prompt_file(source)))
+    prompts = list(dict.fromkeys(read_prompt_lines(source, "--prompt-file" if args.prompt_file else
+                                                   "train.prompt_file")))
+    if not prompts:
+        raise ConfigError(f"embed-prompts: '{source}' holds no prompts")
+    _in_range("--batch-size", args.batch_size, 1, 65536)
+    out = Path(args.out or Path(cfg.output_dir) / "prompt_embeds.safetensors")
+    if out.is_dir() or out.suffix != ".safetensors":
+        raise ConfigError(f"--out: expected a .safetensors file name, got '{out}'")
+    check_output_dir(out.parent, "--out")
     gen = load_generator(cfg.model.name, cfg.model.dtype, local_files_only=cfg.model.local_files_only,
                          **cfg.model.options)
     cache = PromptCache().bind(gen)
@@ -103,7 +148,7 @@ def _cmd_embed_prompts(args: argparse.Namespace) -> None:
 
     for start in tqdm(range(0, len(prompts), args.batch_size), desc="embed-prompts", unit="batch"):
         gen.encode(prompts[start:start + args.batch_size], negative_prompt=negative)
-    out = cache.save(args.out or Path(cfg.output_dir) / "prompt_embeds.safetensors")
+    out = cache.save(out)
     print(f"wrote embeddings of {len(prompts)} prompts" + (" and the negative prompt" if negative is not None else "")
           + f" to {out}")
 

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
+from .errors import FlowalignError
 from .typed import ConfigError, bounded, from_dict
 
 __all__ = ["ConfigError", "EvalConfig", "ModelConfig", "RewardConfig", "RunConfig", "SampleConfig", "TrainConfig",
@@ -46,8 +47,8 @@ class SampleConfig:
 class EvalConfig:
     prompts: list[str] = bounded([], doc="explicit prompts")
     prompt_file: str | None = bounded(None, must_exist=True, doc="a text file, one prompt per line")
-    toy_prompts: int = bounded(0, min=0, doc="N toy digit prompts, digits balanced, templates seeded")
-    samples_per_prompt: int = bounded(1, min=1)
+    toy_prompts: int = bounded(0, min=0, max=100_000, doc="N toy digit prompts, digits balanced, templates seeded")
+    samples_per_prompt: int = bounded(1, min=1, max=10_000)
     rewards: list[str] = bounded(["toy/digit_match", "toy/classifier"])
     grid_size: int = bounded(100, min=0, doc="how many samples the PNG grid shows")
 
@@ -73,7 +74,8 @@ class TrainConfig:
     """What every training method shares: the loop, the prompts, sampling, the optimizer, LoRA, memory, checkpoints."""
 
     iterations: int = bounded(40, min=1)
-    prompts_per_iteration: int = bounded(8, min=1, doc="prompts (groups) per iteration, all processes together")
+    prompts_per_iteration: int = bounded(8, min=1, max=100_000, doc="prompts (groups) per iteration, all processes "
+                                                                  "together")
     prompt_file: str | None = bounded(None, must_exist=True, doc="one prompt per line (required for real models)")
     steps: int = bounded(10, min=2, max=1000, doc="sampling steps of the rollouts")
     guidance: float = bounded(3.0, min=0.0, max=100.0, doc="CFG scale while sampling")
@@ -96,8 +98,9 @@ class TrainConfig:
         "device", doc="frozen text encoders: on the device, CPU-offloaded between uses, or freed (needs prompt_embeds)")
     checkpoint_every: int = bounded(10, min=0, doc="iterations between checkpoints (0: none)")
     checkpoints_total_limit: int = bounded(3, min=1)
-    eval_prompts: int = bounded(50, min=0, doc="held-out prompts for the before/after report (0: no report)")
-    eval_steps: int = bounded(20, min=1)
+    eval_prompts: int = bounded(50, min=0, max=100_000, doc="held-out prompts for the before/after report (0: no "
+                                                              "report)")
+    eval_steps: int = bounded(20, min=1, max=1000)
     seed: int = bounded(0, min=0, max=2 ** 62)
 
 
@@ -118,15 +121,22 @@ class RunConfig:
 
 def read_yaml(path: str | Path) -> dict:
     """A YAML file's top-level mapping, or a one-line ConfigError (missing, unreadable, not YAML, not a mapping)."""
+    from .files import MAX_CONFIG_BYTES, read_text
+
     path = Path(path)
-    if path.is_dir():
-        raise ConfigError(f"config file '{path}' is a folder, expected a YAML file")
-    if not path.is_file():
-        raise ConfigError(f"config file '{path}' not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not a text file (expected UTF-8 YAML)") from None
+        if path.is_dir():
+            raise ConfigError(f"config file '{path}' is a folder, expected a YAML file")
+        if not path.exists():
+            raise ConfigError(f"config file '{path}' not found")
+    except (OSError, ValueError):  # not even a name the system can look up
+        raise ConfigError(f"config file '{str(path)[:200]}' not found") from None
+    try:
+        text = read_text(path, "config file", MAX_CONFIG_BYTES)
+    except FlowalignError as err:
+        raise ConfigError(str(err)) from None
+    try:
+        data = yaml.safe_load(text) or {}
     except RecursionError:
         raise ConfigError(f"{path}: nested too deeply") from None
     except yaml.YAMLError as err:

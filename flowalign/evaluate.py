@@ -6,8 +6,12 @@ from pathlib import Path
 
 from . import rewards as reward_lib
 from .config import ConfigError, RunConfig
+from .files import read_prompt_lines
 from .generators import load_generator
 from .inference import generate, save_grid
+
+#: Samples one evaluation generates at most (they are all held in memory to be scored).
+MAX_EVAL_SAMPLES = 100_000
 
 
 def eval_prompts(cfg: RunConfig) -> tuple[list[str], list[dict]]:
@@ -16,7 +20,7 @@ def eval_prompts(cfg: RunConfig) -> tuple[list[str], list[dict]]:
 
     prompts, meta = list(cfg.eval.prompts), [{} for _ in cfg.eval.prompts]
     if cfg.eval.prompt_file:
-        lines = [line.strip() for line in Path(cfg.eval.prompt_file).read_text().splitlines() if line.strip()]
+        lines = read_prompt_lines(cfg.eval.prompt_file, "eval.prompt_file")
         prompts += lines
         meta += [{} for _ in lines]
     if cfg.eval.toy_prompts:
@@ -26,6 +30,9 @@ def eval_prompts(cfg: RunConfig) -> tuple[list[str], list[dict]]:
     if not prompts:
         raise ConfigError("eval: no prompts (set eval.prompts, eval.prompt_file or eval.toy_prompts)")
     k = cfg.eval.samples_per_prompt
+    if len(prompts) * k > MAX_EVAL_SAMPLES:
+        raise ConfigError(f"eval: {len(prompts)} prompts x eval.samples_per_prompt {k} = {len(prompts) * k} samples, "
+                          f"over the cap of {MAX_EVAL_SAMPLES}")
     return [p for p in prompts for _ in range(k)], [m for m in meta for _ in range(k)]
 
 def evaluate(cfg: RunConfig, print_fn=print) -> dict:
@@ -33,10 +40,10 @@ def evaluate(cfg: RunConfig, print_fn=print) -> dict:
     from .checks import check_output_dir
 
     check_output_dir(cfg.output_dir)
+    prompts, meta = eval_prompts(cfg)
     scorers = {name: reward_lib.load(name) for name in cfg.eval.rewards}
     generator = load_generator(cfg.model.name, cfg.model.dtype, local_files_only=cfg.model.local_files_only,
                                **cfg.model.options)
-    prompts, meta = eval_prompts(cfg)
     media = generate(generator, prompts, steps=cfg.sample.steps, guidance=cfg.sample.guidance, seed=cfg.sample.seed,
                      negative_prompt=cfg.sample.negative_prompt, batch_size=cfg.sample.batch_size)
     results = {}

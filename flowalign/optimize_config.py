@@ -69,7 +69,9 @@ class OptimizeConfig:
     def all_prompts(self) -> list[str]:
         prompts = list(self.prompts)
         if self.prompt_file:
-            prompts += [line.strip() for line in Path(self.prompt_file).read_text().splitlines() if line.strip()]
+            from .files import read_prompt_lines
+
+            prompts += read_prompt_lines(self.prompt_file, "prompt_file")
         return prompts
 
 
@@ -79,7 +81,7 @@ def load_optimize_config(path: str | Path | None = None, overrides: list[str] = 
     where = str(path) if path is not None else "config"
     apply_overrides(data, list(overrides))
     method = data.get("method", "reno")
-    if method not in SECTIONS:
+    if not isinstance(method, str) or method not in SECTIONS:
         raise ConfigError(f"{where}: method: expected one of {', '.join(repr(m) for m in SECTIONS)}, got {method!r}")
     for other, section in SECTIONS.items():
         if other != method and data.get(section) is not None:

@@ -1,7 +1,8 @@
 """Dataclasses from YAML mappings: keys, types and bounds checked, each mistake one line naming the field.
 
 Every field is a dataclass field with a type hint; ``bounded(...)`` adds ``min`` / ``max`` bounds or
-``must_exist`` (a path) and a one-line ``doc``. Numbers must be finite (NaN and infinities are rejected).
+``must_exist`` (a path) and a one-line ``doc``. Numbers must be finite (NaN and infinities are rejected);
+integers without a ``max`` stay below 2**31.
 """
 from __future__ import annotations
 
@@ -119,12 +120,26 @@ def _convert(value, typ, where: str, key: str):
     return value
 
 
+#: Integers without a bound of their own stay within int32 (what counts, sizes and torch's indexing expect).
+INT_LIMIT = 2 ** 31 - 1
+
+
 def _check(value, meta, where: str, key: str):
     lo, hi = meta.get("min"), meta.get("max")
+    if isinstance(value, int) and not isinstance(value, bool) and hi is None and value > INT_LIMIT:
+        raise ConfigError(f"{where}: {key}: {value} is out of range (allowed: <= {INT_LIMIT})")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if (lo is not None and value < lo) or (hi is not None and value > hi):
             allowed = f">= {lo}" if hi is None else (f"<= {hi}" if lo is None else f"in [{lo}, {hi}]")
             raise ConfigError(f"{where}: {key}: {value} is out of range (allowed: {allowed})")
-    if meta.get("must_exist") and value is not None and not Path(value).exists():
+    if meta.get("must_exist") and value is not None and not _exists(value):
         raise ConfigError(f"{where}: {key}: file '{value}' not found")
     return value
+
+
+def _exists(path: str) -> bool:
+    """Whether a path exists; a name the system cannot even look up (too long, a NUL byte) does not."""
+    try:
+        return Path(path).exists()
+    except (OSError, ValueError):
+        return False

@@ -27,7 +27,7 @@ def test_generate_bad_input(tmp_path, capsys):
     assert main(["generate", "--prompt", "a one", "--steps", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"flowalign: error: --prompt-file: file '{tmp_path / 'none.txt'}' not found",
-                   "flowalign: error: --steps: expected an integer >= 1, got 0"]
+                   "flowalign: error: --steps: expected a number in [1, 1000], got 0"]
 
 
 def test_evaluate_prints_a_table_and_writes_results(tmp_path, capsys):

@@ -74,7 +74,7 @@ def test_missing_config_file(tmp_path):
         load_config(tmp_path)
     binary = tmp_path / "b.yaml"
     binary.write_bytes(b"\xff\xfe\x00garbage")
-    with pytest.raises(ConfigError, match="not a text file"):
+    with pytest.raises(ConfigError, match="is not UTF-8 text"):
         load_config(binary)
     deep = tmp_path / "deep.yaml"
     deep.write_text("a: " + "[" * 1000 + "]" * 1000 + "\n")

@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 
 from ..errors import FlowalignError
+from ..files import read_json
 from .base import Conditioning, Generator
 from .prompt_cache import PromptCache
 
@@ -28,8 +29,25 @@ ADAPTERS: dict[str, str] = {
 def load_generator(name_or_path: str = "toy/digits", dtype: str | torch.dtype = "float32",
                    device: str | None = None, local_files_only: bool = False, **options) -> Generator:
     """``toy/digits`` (shipped), a toy folder, or a diffusers pipeline (hub id or local directory).
-    ``options`` go to a pipeline adapter's constructor (``height``, ``num_frames``, ``train_expert``, ...)."""
-    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    ``options`` go to a pipeline adapter's constructor (``height``, ``num_frames``, ``train_expert``, ...).
+    A folder with broken files (a truncated safetensors, invalid JSON) is one line naming the model."""
+    try:
+        Path(name_or_path).exists()
+    except (OSError, ValueError) as err:  # too long to be a path, or a NUL byte
+        raise FlowalignError(f"model '{name_or_path[:80]}': not a usable name or folder "
+                             f"({getattr(err, 'strerror', None) or err})") from None
+    try:
+        return _load(name_or_path, DTYPES[dtype] if isinstance(dtype, str) else dtype, device, local_files_only,
+                     **options)
+    except (FlowalignError, MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as err:  # noqa: BLE001 - diffusers, safetensors and json each raise their own types
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        raise FlowalignError(f"model '{name_or_path}': cannot load it ({type(err).__name__}: {first})") from None
+
+
+def _load(name_or_path: str, dtype: torch.dtype, device: str | None, local_files_only: bool,
+          **options) -> Generator:
     if name_or_path == "toy/video" or _toy_transformer(name_or_path) == "WanTransformer3DModel":
         from .toy_video import SHIPPED as VIDEO_WEIGHTS
         from .toy_video import ToyVideoGenerator
@@ -98,19 +116,17 @@ def _check_options(adapter: type, options: dict, name_or_path: str) -> None:
 
 def _toy_transformer(name_or_path: str) -> str | None:
     """The transformer class of a toy model folder (``text_encoder/``, no ``model_index.json``), else None."""
-    import json
 
     folder = Path(name_or_path)
     config = folder / "transformer" / "config.json"
     if (folder / "model_index.json").is_file() or not (folder / "text_encoder" / "config.json").is_file() \
             or not config.is_file():
         return None
-    return json.loads(config.read_text()).get("_class_name")
+    return read_json(config, f"model '{name_or_path}'").get("_class_name")
 
 
 def _pipeline_class(name_or_path: str, local_files_only: bool) -> str:
     """The ``_class_name`` in a pipeline's ``model_index.json`` (local folder or hub id)."""
-    import json
 
     index = Path(name_or_path) / "model_index.json"
     if not index.is_file():
@@ -124,4 +140,4 @@ def _pipeline_class(name_or_path: str, local_files_only: bool) -> str:
         except Exception as err:  # network, missing repo, offline cache miss
             raise FlowalignError(f"model '{name_or_path}': cannot read model_index.json "
                                  f"({type(err).__name__})") from None
-    return json.loads(index.read_text()).get("_class_name", "?")
+    return read_json(index, f"model '{name_or_path}'").get("_class_name", "?")

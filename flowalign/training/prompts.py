@@ -16,7 +16,9 @@ from ..errors import FlowalignError
 
 
 def read_prompt_file(path: str | Path) -> list[str]:
-    lines = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    from ..files import read_prompt_lines
+
+    lines = read_prompt_lines(path, "train.prompt_file")
     if not lines:
         raise FlowalignError(f"train.prompt_file: '{path}' holds no prompts")
     return lines
