@@ -6,12 +6,16 @@ points it at real models::
     models: [stabilityai/stable-diffusion-3.5-medium]
     dtype: bfloat16
     checkpoints: [outputs/sd35_pickscore/final]
+    runs_root: outputs
     rewards: [pickscore, hpsv2.1, clipscore]
     default_rewards: [pickscore]
     limits: {max_steps: 40, max_batch: 4}
     server: {concurrency: 1}
 
-Bad input raises ``ConfigError`` with one line naming the key, as for the training configs.
+The app is closed by default: a visitor may name only what the config lists (and the runs and LoRAs found under
+``runs_root``); ``allow_custom_paths: true`` opens it to folders under ``runs_root`` and ``model_roots``, hub ids
+and every registered reward. Bad input raises ``ConfigError`` with one line naming the key, as for the training
+configs.
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ class ServerConfig:
     concurrency: int = bounded(1, min=1, doc="requests computed at once (queue default_concurrency_limit)")
     max_queue: int = bounded(64, min=1, doc="requests waiting at most; more are turned away")
     work_dir: str | None = bounded(None, doc="where result files go (default: a new temporary folder)")
+    max_request_bytes: int = bounded(1 << 20, min=1024, doc="request bodies larger than this are refused unread")
 
 
 @dataclass
@@ -43,7 +48,11 @@ class AppConfig:
     local_files_only: bool = False
     checkpoints: list[str] = bounded([], doc="LoRA folders offered (flowalign train writes OUTPUT/final)")
     runs_root: str = bounded("outputs", doc="training runs and their final/ LoRAs are found under it")
-    allow_custom_paths: bool = bounded(True, doc="the page may name models, checkpoints and runs not listed")
+    allow_custom_paths: bool = bounded(False, doc="the page may also name runs and checkpoints under runs_root, "
+                                       "models under model_roots, hub ids and any registered reward")
+    model_roots: list[str] = bounded([], doc="with allow_custom_paths: folders whose local models may be named")
+    max_loaded_models: int = bounded(2, min=1, max=64, doc="base models kept loaded; the least recently used is "
+                                     "freed to make room")
     rewards: list[str] = bounded(list(TOY_REWARDS), doc="rewards offered in the page")
     default_rewards: list[str] = bounded(["toy/bold_digit", "toy/classifier"])
     prompts: list[str] = bounded(list(TOY_PROMPTS), doc="example prompts")

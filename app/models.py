@@ -6,8 +6,10 @@ setting the state afresh, after each streamed step).
 """
 from __future__ import annotations
 
+import gc
 import hashlib
 import threading
+from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,12 +46,16 @@ def check_lora_folder(folder: str) -> Path:
 
 
 class ModelCache:
-    """Generators by name and rewards by name, loaded on first use."""
+    """Generators by name and rewards by name, loaded on first use and kept up to ``max_models`` generators and
+    ``max_rewards`` rewards: beyond that the least recently used (a generator: one no request is computing with)
+    is freed."""
 
-    def __init__(self, dtype: str = "float32", device: str | None = None, local_files_only: bool = False):
+    def __init__(self, dtype: str = "float32", device: str | None = None, local_files_only: bool = False,
+                 max_models: int = 2, max_rewards: int = 8):
         self.dtype, self.device, self.local_files_only = dtype, device, local_files_only
-        self._models: dict[str, LoadedModel] = {}
-        self._rewards: dict[str, object] = {}
+        self.max_models, self.max_rewards = max_models, max_rewards
+        self._models: OrderedDict[str, LoadedModel] = OrderedDict()
+        self._rewards: OrderedDict[str, object] = OrderedDict()
         self._lock = threading.Lock()
 
     def model(self, name: str) -> LoadedModel:
@@ -61,9 +67,13 @@ class ModelCache:
             if name not in self._models:
                 from ..generators import load_generator
 
+                self._evict(self._models, self.max_models - 1, busy=lambda m: m.lock.locked())
                 gen = load_generator(name, self.dtype, device=self.device, local_files_only=self.local_files_only)
                 self._models[name] = LoadedModel(gen)
-            return self._models[name]
+            self._models.move_to_end(name)
+            current = self._models[name]
+            self._evict(self._models, self.max_models, busy=lambda m: m is current or m.lock.locked())
+            return current
 
     def reward(self, name: str, device: torch.device | None = None):
         """The reward ``name`` from the registry (built-ins, toy rewards, plug-ins), frozen, on ``device``."""
@@ -71,12 +81,29 @@ class ModelCache:
         key = f"{name}@{device}"
         with self._lock:
             if key not in self._rewards:
+                self._evict(self._rewards, self.max_rewards - 1)
                 reward = rewards.load(name)
                 if device is not None:
                     reward = reward.to(device)
                 reward.requires_grad_(False)
                 self._rewards[key] = reward
+            self._rewards.move_to_end(key)
             return self._rewards[key]
+
+    def loaded(self) -> list[str]:
+        """The names of the generators held now, least recently used first."""
+        return list(self._models)
+
+    @staticmethod
+    def _evict(held: OrderedDict, keep: int, busy=lambda _: False) -> None:
+        """Free the least recently used entries until at most ``keep`` remain (skipping busy ones)."""
+        stale = [k for k in held if not busy(held[k])][:max(0, len(held) - keep)]
+        for key in stale:
+            del held[key]
+        if stale:
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
     def weighted(self, weights: dict[str, float], device: torch.device | None = None):
         """A weighted composite of cached rewards (a new composite per request: it keeps per-call state)."""

@@ -15,8 +15,10 @@ import uuid
 from pathlib import Path
 
 from ..errors import FlowalignError
+from .access import Access
 from .compare import CompareResult, run_compare
 from .config import AppConfig
+from .guard import RequestGuard, endpoint_inputs
 from .media import display_image, media_settings, write_media
 from .models import ModelCache
 from .optimise import OptimiseStep, parse_weights, run_optimise
@@ -74,7 +76,8 @@ class App:
 
     def __init__(self, cfg: AppConfig, cache: ModelCache | None = None):
         self.cfg = cfg
-        self.cache = cache or ModelCache(cfg.dtype, cfg.device, cfg.local_files_only)
+        self.cache = cache or ModelCache(cfg.dtype, cfg.device, cfg.local_files_only, cfg.max_loaded_models)
+        self.access = Access(cfg)
         work = cfg.server.work_dir
         self.work_dir = Path(work) if work else Path(tempfile.mkdtemp(prefix="flowalign-app-"))
         self.work_dir.mkdir(parents=True, exist_ok=True)
@@ -88,10 +91,12 @@ class App:
         return find_runs(self.cfg.runs_root)
 
     def check_offered(self, kind: str, value: str, offered: list[str]) -> None:
-        """With ``allow_custom_paths: false`` only the listed models, checkpoints and runs may be named."""
-        if value and not self.cfg.allow_custom_paths and value not in offered:
-            raise FlowalignError(f"{kind} '{value}': not offered by this app "
-                                 "(its config sets allow_custom_paths: false)")
+        """What a visitor may name (``access.Access``): the listed models, checkpoints and runs, and with
+        ``allow_custom_paths`` those under the configured roots."""
+        if kind == "model":
+            self.access.check_model(value)
+        else:
+            self.access.check_folder(kind, value, offered)
 
     def request_dir(self) -> Path:
         """A new folder for one request's files; the oldest beyond ``KEEP_REQUESTS`` are removed."""
@@ -111,6 +116,7 @@ class App:
         for c in checkpoints:
             self.check_offered("checkpoint", c, self.checkpoint_choices())
         names = list(parse_weights(selected, {}, extra))
+        self.access.check_rewards(names)
         result = run_compare(self.cache, self.cfg.limits, model, checkpoints, prompts, seed, samples, steps,
                              guidance, lora_scale, names)
         gen = self.cache.model(model).generator
@@ -183,6 +189,7 @@ class App:
         self.check_offered("model", model, self.cfg.models)
         self.check_offered("checkpoint", checkpoint, self.checkpoint_choices())
         chosen = parse_weights(selected, dict(zip(self.cfg.rewards, weights)), extra)
+        self.access.check_rewards(list(chosen))
         gallery: list[tuple[object, str]] = []
         best_media, best_value, folder = None, float("-inf"), None
         settings = media_settings(self.cache.model(model).generator) if model else {}
@@ -366,6 +373,10 @@ def launch(cfg: AppConfig, block: bool = True, quiet: bool = False, cache: Model
     """Build and serve the app on ``cfg.server.host:port`` (127.0.0.1 unless the config says otherwise);
     ``block=False`` returns once it listens (``demo.local_url``; ``demo.close()`` stops it)."""
     demo = build_app(cfg, cache)
+    from starlette.middleware import Middleware
+
+    guard = Middleware(RequestGuard, max_bytes=cfg.server.max_request_bytes, inputs=endpoint_inputs(demo))
     demo.launch(server_name=cfg.server.host, server_port=cfg.server.port or None, prevent_thread_lock=not block,
-                show_error=False, quiet=quiet, allowed_paths=[str(demo.flowalign_app.work_dir)], ssr_mode=False)
+                show_error=False, quiet=quiet, allowed_paths=[str(demo.flowalign_app.work_dir)], ssr_mode=False,
+                max_file_size=cfg.server.max_request_bytes, app_kwargs={"middleware": [guard]})
     return demo

@@ -344,8 +344,8 @@ def test_client_errors_are_one_sentence(client, runs_root, tmp_path):
     optimise = ["toy/digits", "", 1.0, "reno", PROMPT, 0, ["toy/bold_digit"], "", 5.0, 3, 4, 1, *[1.0] * 6]
     cases = [("/compare", {3: "x" * 61},
               r"^prompt: 61 characters, this app takes at most 60 \(limits.max_prompt_chars\)$"),
-             ("/compare", {9: "toy/bold_digit, no/such"}, r"^reward 'no/such': unknown \(available: "),
-             ("/compare", {1: [str(tmp_path)]}, r"^checkpoint '.*': no pytorch_lora_weights.safetensors there"),
+             ("/compare", {9: "toy/bold_digit, no/such"}, r"^reward 'no/such': not offered by this app$"),
+             ("/compare", {1: [str(tmp_path)]}, r"is not in the list of choices"),  # closed: the dropdown refuses
              ("/compare", {7: "lots"}, r"^CFG scale: expected a number, got 'lots'$"),
              ("/optimise", {9: 11}, r"^Value 11 is greater than maximum value 10\.$"),  # the slider's own bound
              ("/optimise", {6: ["toy/digit_match"]}, r"^reno: reward 'toy/digit_match' is not differentiable"),
