@@ -164,3 +164,15 @@ def test_a_full_disk_at_a_checkpoint_stops_with_one_line_and_keeps_the_last_good
     assert (code, err) == (2, f"flowalign: error: could not write checkpoint {root / 'checkpoint-2'}: No space left "
                               f"on device ({root / 'checkpoint-1'} is intact)")
     assert sorted(p.name for p in root.iterdir()) == ["checkpoint-1"] and ckpt.problem(root / "checkpoint-1") is None
+
+
+def test_an_interrupt_mid_write_leaves_no_temporary_folder(tmp_path, monkeypatch):
+    three_checkpoints(tmp_path)
+
+    def interrupted(obj, path):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt.torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint(tmp_path, 4, {"w": torch.ones(3)}, {}, {"history": []})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]

@@ -49,6 +49,9 @@ def save_checkpoint(root: str | Path, iteration: int, weights: dict[str, torch.T
         previous = [p for p in list_checkpoints(root) if p != final]
         kept = f"{previous[-1]} is intact" if previous else "no earlier checkpoint"
         raise CheckpointError(f"could not write checkpoint {final}: {err.strerror or err} ({kept})") from None
+    except BaseException:  # a second Ctrl-C mid-write: the half-written folder goes, the earlier ones stay
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     for old in list_checkpoints(root)[:-limit]:
         shutil.rmtree(old, ignore_errors=True)
     return final

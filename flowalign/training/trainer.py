@@ -48,7 +48,7 @@ class Trainer:
         check_launch(self.acc.num_processes, torch.cuda.is_available())
         check_engine(self.acc.distributed_type.name, t)
         check_training(cfg, self.acc.num_processes)  # before anything heavy loads
-        check_output_dir(self.out)
+        check_output_dir(cfg.output_dir)
         self.method = methods.build(cfg.method, cfg.options, t, cfg.modifiers)
         self.modifiers = list(self.method.modifiers.values())
         self.file_prompts = read_prompt_file(t.prompt_file) if t.prompt_file else None
@@ -63,6 +63,7 @@ class Trainer:
         self.lora = t.lora_rank > 0
         self._prepare_policy()
         self.iteration, self.history = 0, []
+        self.activity, self.saved = "iteration 0", None  # what Ctrl-C waits for; the newest checkpoint written
         self.method.setup(self)
         if self.acc.is_main_process:
             self.acc.init_trackers("flowalign")
@@ -180,20 +181,20 @@ class Trainer:
             self.resume(resume)
         bar = tqdm(total=self.t.iterations, initial=self.iteration, desc=self.cfg.method,
                    disable=not (progress and self.acc.is_main_process))
-        announce = lambda: print(f"flowalign: interrupted; finishing iteration {self.iteration} first "  # noqa: E731
+        announce = lambda: print(f"flowalign: interrupted; finishing {self.activity} first "  # noqa: E731
                                  "(Ctrl-C again to discard it)", flush=True)
         try:
             with stop_at_boundaries(announce) as stop:
                 while self.iteration < self.t.iterations and not stop.requested:
                     self._iterate(bar)
             if stop.requested:
-                path = self.save_checkpoint()
+                path = self.saved if self.saved and self.saved.name == f"checkpoint-{self.iteration}" \
+                    else self.save_checkpoint()
                 print(f"flowalign: stopped after iteration {self.iteration - 1}; saved {path} "
                       "(resume with --resume_from_checkpoint latest)")
                 raise SystemExit(130)
         except KeyboardInterrupt:
-            print(f"flowalign: interrupted during iteration {self.iteration}: discarded; "
-                  f"{self._last_good()}")
+            print(f"flowalign: interrupted during {self.activity}: discarded; {self._last_good()}")
             raise SystemExit(130) from None
         except NonFiniteLoss as err:
             self.optimizer.zero_grad(set_to_none=True)
@@ -205,6 +206,7 @@ class Trainer:
     def _iterate(self, bar) -> None:
         """One iteration, logged; a checkpoint when it is due."""
         start = time.perf_counter()
+        self.activity = f"iteration {self.iteration}"
         metrics, batch = self.run_iteration(self.iteration)
         metrics["time/iteration"] = time.perf_counter() - start
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
@@ -214,6 +216,7 @@ class Trainer:
         bar.update(1)
         bar.set_postfix(reward=f"{metrics['reward/mean']:.4f}")
         if self.t.checkpoint_every and self.iteration % self.t.checkpoint_every == 0:
+            self.activity = f"checkpoint-{self.iteration}"
             self.save_checkpoint()
             self.log_samples(batch.media)
 
@@ -259,6 +262,7 @@ class Trainer:
             path = ckpt.save_checkpoint(self.out / "checkpoints", self.iteration, {**weights, **extra_weights},
                                         optimizers, state, ema, self.t.checkpoints_total_limit,
                                         ckpt.shaping_config(self.cfg, self.gen.lora_target_modules))
+            self.saved = path
         self.acc.wait_for_everyone()
         return path
 
