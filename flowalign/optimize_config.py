@@ -30,6 +30,8 @@ class CARINOXOptions(ReNOConfig):
     k: int = bounded(3, min=1, max=64, doc="seeds explored")
     top: int | None = bounded(None, min=1, doc="optimise only the best `top` of the k seeds (default all)")
     matched_iterations: int = bounded(30, min=1, doc="the compute-matched selection's iteration budget")
+    categories: str | None = bounded(None, must_exist=True, doc="a JSON file: prompt -> category, or [[category, "
+                                     "p], ...] (CARINOX's category_guess.json); multipliers from its table")
 
 
 @dataclass
@@ -64,7 +66,14 @@ class OptimizeConfig:
 
     def method_options(self) -> dict[str, Any]:
         """The chosen method's options as ``flowalign.optimize`` keywords."""
-        return dataclasses.asdict(getattr(self, SECTIONS[self.method]))
+        options = dataclasses.asdict(getattr(self, SECTIONS[self.method]))
+        path = options.pop("categories", None)
+        if path:  # CARINOX's category-aware weights: a prompt's category picks a row of its table
+            from .files import read_json
+
+            guesses = read_json(path, "carinox.categories")
+            options["categorize"] = guesses.get  # a prompt the file does not name: multipliers 1
+        return options
 
     def all_prompts(self) -> list[str]:
         prompts = list(self.prompts)
@@ -87,6 +96,9 @@ def load_optimize_config(path: str | Path | None = None, overrides: list[str] = 
         if other != method and data.get(section) is not None:
             raise ConfigError(f"{where}: section '{section}' holds options of method {other}, but method is "
                               f"{method} (move them under '{SECTIONS.get(method, method)}:' or set method: {other})")
+    for section in SECTIONS.values():  # `reno=null`: the section is not given (its defaults stand)
+        if section in data and data[section] is None:
+            del data[section]
     cfg = from_dict(OptimizeConfig, data, where)
     from .rewards.registry import available
 

@@ -168,3 +168,32 @@ def test_optimize_config_errors_are_one_line(overrides, message, capsys):
     assert main(["optimize", "configs/reno/toy_digits.yaml", "--prompt", "a seven", *overrides]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+def test_carinox_category_multipliers_are_the_reference_table():
+    """The reference's weights.json rows (HPS, VQA, IR columns here), a probability mix, no category, and an
+    unknown one that names the ten known categories."""
+    from flowalign.algorithms.carinox import category_multipliers
+
+    guesses = {"a red cow": "color", "two cats": [["numeracy", 0.5], ["shape", 0.5]], "plain": "none",
+               "a bag behind a woman": [["3d_spatial", 1.0]]}
+    got = category_multipliers(list(guesses) + ["unlisted"], ["hpsv2.1", "vqascore", "imagereward"], None,
+                               guesses.get)
+    expected = torch.tensor([[0.40, 1.14, 1.06], [(1.02 + 0.95) / 2, (0.93 + 0.92) / 2, (1.05 + 1.12) / 2],
+                             [1.0, 1.0, 1.0], [0.96, 1.43, 0.92], [1.0, 1.0, 1.0]])
+    assert torch.allclose(got, expected)
+    with pytest.raises(flowalign.FlowalignError, match=r"category 'colour', which the weights table lacks \(known: "
+                                                       r"color, shape, texture, 2d_spatial, non_spatial, complex, "
+                                                       r"3d_spatial, numeracy, overall, none\)$"):
+        category_multipliers(["a red cow"], ["hpsv2.1"], None, lambda p: "colour")
+
+
+def test_cli_carinox_reads_a_category_file(tmp_path):
+    from flowalign.optimize_config import load_optimize_config
+
+    guesses = tmp_path / "categories.json"
+    guesses.write_text('{"a handwritten seven": [["color", 1.0]]}')
+    cfg = load_optimize_config("configs/reno/toy_digits.yaml", ["method=carinox", "reno=null",
+                                                               f"carinox.categories={guesses}"])
+    categorize = cfg.method_options()["categorize"]
+    assert categorize("a handwritten seven") == [["color", 1.0]] and categorize("other") is None

@@ -28,12 +28,19 @@ from .reno import ReNOConfig, run_noise_optimization
 CARINOX_SEEDS = [0, 94, 58, 45, 15]
 #: CARINOX's reward weights w_i (final code), in this toolkit's names (VQAScore and DA-score are plug-ins).
 CARINOX_WEIGHTS = {"hpsv2.1": 5.0, "imagereward": 5.0, "vqascore": 1.0, "da-score": 5.0}
-#: Per-category multipliers (older commit ccbdcf4, ``weights.json``; HPS, IR, DA, VQA).
+#: Per-category multipliers of the reference's category-aware weighting (its older commit ccbdcf4,
+#: ``weights.json``): all ten categories, in this toolkit's reward names.
 CATEGORY_WEIGHTS = {
     "color": {"hpsv2.1": 0.40, "imagereward": 1.06, "da-score": 1.41, "vqascore": 1.14},
-    "3d_spatial": {"hpsv2.1": 0.96, "imagereward": 0.92, "da-score": 0.68, "vqascore": 1.43},
+    "shape": {"hpsv2.1": 0.95, "imagereward": 1.12, "da-score": 1.00, "vqascore": 0.92},
+    "texture": {"hpsv2.1": 0.90, "imagereward": 1.10, "da-score": 1.07, "vqascore": 0.93},
+    "2d_spatial": {"hpsv2.1": 1.06, "imagereward": 1.02, "da-score": 0.82, "vqascore": 1.10},
+    "non_spatial": {"hpsv2.1": 1.01, "imagereward": 0.96, "da-score": 0.85, "vqascore": 1.17},
     "complex": {"hpsv2.1": 0.67, "imagereward": 1.05, "da-score": 1.21, "vqascore": 1.06},
+    "3d_spatial": {"hpsv2.1": 0.96, "imagereward": 0.92, "da-score": 0.68, "vqascore": 1.43},
+    "numeracy": {"hpsv2.1": 1.02, "imagereward": 1.05, "da-score": 1.00, "vqascore": 0.93},
     "overall": {"hpsv2.1": 0.59, "imagereward": 0.94, "da-score": 1.12, "vqascore": 1.34},
+    "none": {"hpsv2.1": 1.0, "imagereward": 1.0, "da-score": 1.0, "vqascore": 1.0},
 }
 
 
@@ -43,17 +50,21 @@ def default_categorize(prompt: str) -> str | None:
 
 
 def category_multipliers(prompts: list[str], names: list[str], table: dict[str, dict[str, float]] | None,
-                         categorize: Callable[[str], str | None] | None) -> torch.Tensor:
-    """[B, R] multipliers: the table row of each prompt's category (1 where none applies)."""
-    table, categorize = table or {}, categorize or default_categorize
+                         categorize: Callable[[str], str | list | None] | None) -> torch.Tensor:
+    """[B, R] multipliers: the table row (``CATEGORY_WEIGHTS`` unless another is given) of each prompt's category,
+    1 where none applies. A hook may also return ``[[category, probability], ...]`` (the reference's
+    ``category_guess.json`` form): the rows are then mixed by those probabilities."""
+    table, categorize = CATEGORY_WEIGHTS if table is None else table, categorize or default_categorize
     rows = []
     for p in prompts:
-        cat = categorize(p)
-        if cat is not None and cat not in table:
-            raise FlowalignError(f"carinox: prompt {p!r} has category '{cat}', which the weights table lacks "
-                                 f"(categories: {', '.join(sorted(table)) or 'none'})")
-        row = table.get(cat, {}) if cat is not None else {}
-        rows.append([float(row.get(n, 1.0)) for n in names])
+        guess = categorize(p)
+        mix = [] if guess is None else [(guess, 1.0)] if isinstance(guess, str) else [(c, float(w)) for c, w in guess]
+        unknown = [c for c, _ in mix if c not in table]
+        if unknown:
+            raise FlowalignError(f"carinox: prompt {p!r} has category '{unknown[0]}', which the weights table "
+                                 f"lacks (known: {', '.join(table) or 'none'})")
+        total = sum(w for _, w in mix) or 1.0
+        rows.append([sum(w * float(table[c].get(n, 1.0)) for c, w in mix) / total if mix else 1.0 for n in names])
     return torch.tensor(rows, dtype=torch.float32)
 
 
