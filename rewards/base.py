@@ -113,7 +113,14 @@ class PairwiseReward(Reward):
 
     As a pointwise reward (``score``), each sample's win rate against the others of its group (Pref-GRPO,
     docs/methods/flow_grpo.md): every unordered pair is judged once, a tie counts 0.5 for each side.
-    ``metadata[i]["group"]`` names the group (default: all samples form one group)."""
+    ``metadata[i]["group"]`` names the group (default: all samples form one group).
+
+    A judge of several preference dimensions (``dimensions``: their names) returns ``[pairs, D]``: each sample
+    then has one win rate per dimension (``win_rates``), and its score is their mean weighted by
+    ``dimension_weights`` (name -> weight; 1 for a dimension it omits)."""
+
+    dimensions: tuple[str, ...] = ()
+    dimension_weights: dict[str, float] | None = None
 
     def _prefer(self, a: torch.Tensor, b: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         raise NotImplementedError
@@ -134,6 +141,17 @@ class PairwiseReward(Reward):
         return check_finite(torch.cat(chunks).float().to(a.device), self.name)
 
     def score(self, media, prompts=None, metadata=None) -> torch.Tensor:
+        rates = self.win_rates(media, prompts, metadata)
+        if rates.ndim == 1:
+            return rates
+        names = self.dimensions or tuple(str(d) for d in range(rates.shape[1]))
+        weights = torch.tensor([float((self.dimension_weights or {}).get(name, 1.0)) for name in names],
+                               device=rates.device)
+        return (rates * weights).sum(dim=1) / weights.sum()
+
+    def win_rates(self, media, prompts=None, metadata=None) -> torch.Tensor:
+        """Each sample's win rate against the others of its group: ``[n]``, or ``[n, D]`` for a judge of D
+        dimensions (0.5 for a sample alone in its group)."""
         n = media.shape[0]
         prompts = list(prompts) if prompts is not None else [""] * n
         groups = [m.get("group", 0) for m in metadata] if metadata is not None else [0] * n
@@ -144,13 +162,13 @@ class PairwiseReward(Reward):
                     left.append(i)
                     right.append(j)
         if not left:
-            return torch.full((n,), 0.5, device=media.device)
+            return torch.full((n, len(self.dimensions)) if self.dimensions else (n,), 0.5, device=media.device)
         li, ri = torch.tensor(left, device=media.device), torch.tensor(right, device=media.device)
         p = self.prefer(media[li], media[ri], [prompts[i] for i in left])
-        wins = torch.zeros(n, device=media.device).index_add(0, li, p).index_add(0, ri, 1 - p)
-        games = (torch.zeros(n, device=media.device).index_add(0, li, torch.ones_like(p))
-                 .index_add(0, ri, torch.ones_like(p)))
-        return wins / games.clamp_min(1)
+        wins = torch.zeros((n, *p.shape[1:]), device=media.device).index_add(0, li, p).index_add(0, ri, 1 - p)
+        ones = torch.ones(len(left), device=media.device)
+        games = torch.zeros(n, device=media.device).index_add(0, li, ones).index_add(0, ri, ones)
+        return wins / games.clamp_min(1).view(-1, *[1] * (p.ndim - 1))
 
 
 class SetReward(Reward):

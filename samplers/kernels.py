@@ -171,14 +171,16 @@ def step_logp(x_next: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, sched
 
 
 def kl_to_reference(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor, sigma, sigma_next,
-                    denominator: Literal["flow_grpo", "gaussian"] = "flow_grpo") -> torch.Tensor:
+                    denominator: Literal["flow_grpo", "gaussian"] = "flow_grpo",
+                    coefficient_preserving: bool = False) -> torch.Tensor:
     """Per-sample KL proxy between the current and reference step means, ``mean((μ-μ_ref)²)/(2·d²)``.
 
-    ``flow_grpo``: d = g, the std without sqrt(|Δσ|) (Flow-GRPO's choice, so late steps weigh more);
-    ``gaussian``: d = g·sqrt(|Δσ|), the exact KL of the two step Gaussians per dimension (Pref-GRPO).
+    ``flow_grpo``: Flow-GRPO's ``std_dev_t``: for its SDE the std without sqrt(|Δσ|), g (so late steps weigh
+    more); under CPS (``coefficient_preserving``) the step's actual std, which is what its CPS step returns;
+    ``gaussian``: d = the step's actual std, the exact KL of the two step Gaussians per dimension (Pref-GRPO).
     """
     sq = ((mean.float() - ref_mean.float()) ** 2).mean(dim=tuple(range(1, mean.ndim)))
-    if denominator == "gaussian":
+    if denominator == "gaussian" or coefficient_preserving:
         d = std
     else:
         sigma, sigma_next = _per_sample(sigma, mean), _per_sample(sigma_next, mean)

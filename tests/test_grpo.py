@@ -171,7 +171,8 @@ def test_report_and_final_lora(tmp_path):
 @pytest.mark.parametrize("options", [["train.mixed_precision=bf16"], ["train.gradient_checkpointing=true"],
                                      ["train.lora_rank=0", "train.lr=1e-5"], ["train.ema_decay=0.9"],
                                      ["flow_grpo.share_noise=true"], ["modifiers.fast.window_size=2"],
-                                     ["modifiers.cps.noise_level=0.8"]])
+                                     ["modifiers.cps.noise_level=0.8"],
+                                     ["modifiers.cps.noise_level=0.8", "modifiers.kl.beta=0.04"]])
 def test_training_options_run(tmp_path, options):
     """Each option trains an iteration end to end and saves its final weights (bf16 autocast on CPU too)."""
     from accelerate.state import AcceleratorState
@@ -264,9 +265,29 @@ def test_grpo_guard_ratio_is_one_on_policy_and_trains(tmp_path):
                    schedule=tr.schedule, prev_sample=rollout.x_next[idx], noise_scale=rollout.scale[idx])
     log_r, delta_bar = guard_log_ratio(out.logp, rollout.logp[idx], out.mean, rollout.mean[idx], out.std,
                                        rollout.sigma[idx], rollout.sigma_next[idx])
-    assert torch.equal(log_r, torch.zeros(8)) and 0 < delta_bar < 1
+    assert torch.equal(log_r, torch.zeros(8)) and bool(((0 < delta_bar) & (delta_bar < 1)).all())
     history = trainer(tmp_path, "modifiers.grpo_guard={}", "train.iterations=2", name="guard").fit(progress=False)
     assert all(torch.isfinite(torch.tensor(h["policy_loss"])) for h in history)
+
+
+def test_grpo_guard_scales_each_sample_by_its_own_step():
+    """Two samples at different steps, by hand: (σ, σ') = (0.8, 0.7), std 0.2, μ - μ_old = 0.02, logp - old = 0.05
+    gives b = 0.0004 / (2·0.04) = 0.005, log r = 0.055·0.2 = 0.011, divisor Δσ = 0.1; (0.3, 0.1), std 0.1, 0.01,
+    -0.02 gives b = 0.0001 / (2·0.01) = 0.005, log r = -0.015·0.1 = -0.0015, divisor 0.2. The same whatever
+    the batch holds; the batch-mean scale (``scale: batch``) depends on the other sample."""
+    from flowalign.algorithms.grpo.loss import guard_log_ratio
+
+    logp, old = torch.tensor([0.05, -0.02]), torch.zeros(2)
+    mean, old_mean = torch.stack([torch.full((4,), 0.02), torch.full((4,), 0.01)]), torch.zeros(2, 4)
+    std, sigma, sigma_next = torch.tensor([0.2, 0.1]), torch.tensor([0.8, 0.3]), torch.tensor([0.7, 0.1])
+    log_r, divisor = guard_log_ratio(logp, old, mean, old_mean, std, sigma, sigma_next)
+    assert torch.allclose(log_r, torch.tensor([0.011, -0.0015]), atol=1e-7)
+    assert torch.allclose(divisor, torch.tensor([0.1, 0.2]))
+    alone, _ = guard_log_ratio(logp[:1], old[:1], mean[:1], old_mean[:1], std[:1], sigma[:1], sigma_next[:1])
+    assert torch.allclose(alone, log_r[:1])
+    mixed, _ = guard_log_ratio(logp, old, mean, old_mean, std, sigma, sigma_next, "batch")
+    alone, _ = guard_log_ratio(logp[:1], old[:1], mean[:1], old_mean[:1], std[:1], sigma[:1], sigma_next[:1], "batch")
+    assert torch.allclose(alone, log_r[:1]) and not torch.allclose(mixed[:1], alone)
 
 
 def test_reward_conditioned_clip_bounds():

@@ -144,3 +144,34 @@ def test_tree_node_advantages_per_depth():
     assert torch.allclose(adv[1:3], torch.tensor([-1.0, 1.0]), atol=1e-3)  # means 2 and 6
     leaf_z = (torch.tensor([1.0, 3, 5, 7]) - 4) / torch.tensor([1.0, 3, 5, 7]).std(unbiased=False)
     assert torch.allclose(adv[3:], leaf_z, atol=1e-3)
+
+
+def test_zero_advantage_transitions_can_be_dropped(tmp_path):
+    """``drop_zero_advantage`` (Flow-GRPO's filter): a group whose rewards are all equal has advantage 0
+    everywhere; its transitions (4 samples x 3 trained steps of train.steps=4 at fraction 0.99) leave the update
+    and are counted. When every group is flat there is no update at all: the weights stay as they were."""
+    from flowalign.training.lora import trainable_state
+
+    def trainer(flat_prompts: str):
+        cfg = load_config("configs/toy/digits_flow_grpo.yaml", [
+            "train.prompts_per_iteration=2", "flow_grpo.group_size=4", "train.steps=4", "train.eval_prompts=0",
+            "train.checkpoint_every=0", "flow_grpo.drop_zero_advantage=true", f"output_dir={tmp_path / flat_prompts}"])
+        tr = make_trainer(cfg)
+        part = tr.reward.parts["toy/bold_digit"]
+        real = part._score
+
+        def score(media, prompts, metadata):
+            flat = torch.tensor([flat_prompts == "all" or p == prompts[0] for p in prompts])
+            return torch.where(flat, torch.full((len(prompts),), 0.5), real(media, prompts, metadata))
+        part._score = score
+        return tr
+
+    metrics, batch = trainer("first").run_iteration(0)
+    assert batch.rollout.num_transitions == 24 and metrics["dropped_zero_advantage"] == 12.0
+    assert int((batch.advantages == 0).sum()) == 12
+    flat = trainer("all")
+    before = {k: v.clone() for k, v in trainable_state(flat.gen.trainable_module, True).items()}
+    metrics, _ = flat.run_iteration(0)
+    assert metrics["dropped_zero_advantage"] == 24.0 and "policy_loss" not in metrics
+    after = trainable_state(flat.gen.trainable_module, True)
+    assert all(torch.equal(before[k], after[k]) for k in before)

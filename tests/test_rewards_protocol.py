@@ -88,3 +88,24 @@ def test_pref_grpo_win_rates_do_not_invent_advantages():
     pairwise = group_advantages(win_rates, groups, std="group", eps=1e-8)
     assert pointwise.abs().max() > 1.4 and torch.equal(win_rates, torch.full((8,), 0.5))
     assert pairwise.std() <= pointwise.std() and pairwise.abs().max() == 0
+
+
+def test_a_judge_of_several_dimensions_gives_a_win_rate_each_combined_by_weights():
+    """Three samples, pairs (0,1), (0,2), (1,2). Dimension A prefers the first of each pair with 1, 1, 0.5;
+    dimension B with 0, 0.5, 1. Win rates by hand: A = [2/2, 0.5/2, 0.5/2] = [1, 0.25, 0.25],
+    B = [0.5/2, 2/2, 0.5/2] = [0.25, 1, 0.25]; weights A 2, B 1: [(2 + 0.25)/3, (0.5 + 1)/3, (0.5 + 0.25)/3]."""
+    table = {(0, 1): (1.0, 0.0), (0, 2): (1.0, 0.5), (1, 2): (0.5, 1.0)}
+
+    class TwoAspects(PairwiseReward):
+        name = "test/two-aspects"
+        dimensions = ("aesthetics", "alignment")
+        dimension_weights = {"aesthetics": 2.0}
+
+        def _prefer(self, a, b, prompts):
+            key = lambda x: round(float(x.flatten()[0]) * 10)  # noqa: E731 - sample i is filled with i/10
+            return torch.tensor([table[(key(x), key(y))] for x, y in zip(a, b)])
+
+    media = (torch.arange(3.0) / 10).view(3, 1, 1, 1).expand(3, 3, 2, 2).contiguous()
+    judge = TwoAspects()
+    assert torch.allclose(judge.win_rates(media), torch.tensor([[1.0, 0.25], [0.25, 1.0], [0.25, 0.25]]))
+    assert torch.allclose(judge.score(media), torch.tensor([2.25 / 3, 1.5 / 3, 0.75 / 3]))

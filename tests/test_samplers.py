@@ -103,6 +103,18 @@ def test_kl_denominators():
     assert torch.allclose(kl_to_reference(mean, ref, std, s, s_next, "gaussian"), sq / (2 * std ** 2))
 
 
+def test_kl_under_cps_divides_by_the_actual_step_variance():
+    """Flow-GRPO's CPS step returns std = sigma_next * sin(a*pi/2) and its KL divides by twice its square:
+    sigma 0.6 -> 0.5, a = 0.8: std = 0.5 * sin(0.4 pi) = 0.4755283, a mean difference of 0.1 everywhere gives
+    0.01 / (2 * 0.2261271) = 0.0221115 (the sigma-free SDE denominator would be 10x smaller here)."""
+    mean, ref = torch.full((2, 8), 0.3), torch.full((2, 8), 0.2)
+    std = step(torch.zeros(2, 8), torch.zeros(2, 8), 0.6, 0.5, schedule=cps(0.8)).std
+    assert torch.allclose(std, torch.tensor([0.4755283] * 2))
+    kl = kl_to_reference(mean, ref, std, 0.6, 0.5, "flow_grpo", coefficient_preserving=True)
+    assert torch.allclose(kl, torch.tensor([0.0221115] * 2), rtol=1e-5)
+    assert torch.allclose(kl_to_reference(mean, ref, std, 0.6, 0.5, "flow_grpo"), kl * 0.1, rtol=1e-5)
+
+
 # ---------------------------------------------------------------- time grids and windows
 
 def test_time_grids_match_diffusers_pipelines():

@@ -34,6 +34,9 @@ class SDEOptions:
         "rollout", doc="old log-probs as sampled, or recomputed in the training batches")
     shuffle: bool = bounded(True, doc="shuffle the stored transitions before splitting them into updates")
     inner_epochs: int = bounded(1, min=1, doc="passes over the iteration's transitions")
+    drop_zero_advantage: bool = bounded(False, doc="leave transitions whose advantage is exactly 0 (a group whose "
+                                        "rewards are all equal, a skipped sample) out of the update, as Flow-GRPO "
+                                        "does; their number is logged as dropped_zero_advantage")
 
 
 @dataclass

@@ -2,7 +2,8 @@
 
 Between the policy's and the reference's SDE step means ``μ_θ``, ``μ_ref`` at the stored state:
 ``flow_grpo``: ``mean((μ_θ - μ_ref)²) / (2·g²)`` with g the diffusion coefficient without sqrt(Δσ), as
-Flow-GRPO's code (late steps weigh more); ``gaussian``: the exact Gaussian KL, ``/(2·std²)``.
+Flow-GRPO's code (late steps weigh more), and under CPS ``/(2·std²)`` with the step's actual std, as its CPS
+step returns; ``gaussian``: the exact Gaussian KL, ``/(2·std²)``.
 The reference is the same weights with the LoRA switched off, so it needs LoRA training.
 """
 from __future__ import annotations
@@ -20,7 +21,8 @@ from ..typed import bounded
 class KLOptions:
     beta: float = bounded(0.04, min=0.0, doc="weight of the KL term (Flow-GRPO: 0.04 GenEval/OCR, 0.01 PickScore)")
     denominator: Literal["flow_grpo", "gaussian"] = bounded(
-        "flow_grpo", doc="flow_grpo: /(2 g^2) without dt (the anchor's); gaussian: the exact KL")
+        "flow_grpo", doc="flow_grpo: the anchor's /(2 g^2) without dt (under CPS: /(2 std^2)); gaussian: the exact "
+                         "KL")
 
 @register_modifier
 class KL(Modifier):
@@ -39,5 +41,5 @@ class KL(Modifier):
         ref_mean, _ = step_mean(v_ref, rollout.x[idx], rollout.sigma[idx], rollout.sigma_next[idx], trainer.schedule,
                                 rollout.scale[idx])
         kl = kl_to_reference(out.mean, ref_mean, out.std, rollout.sigma[idx], rollout.sigma_next[idx],
-                             self.options.denominator).mean()
+                             self.options.denominator, trainer.schedule.coefficient_preserving).mean()
         return self.options.beta * kl, {"kl": kl.detach()}

@@ -148,21 +148,33 @@ class PolicyGradientTrainer(Trainer):
             modifier.prepare(self, batch)
         stats: dict[str, list[torch.Tensor]] = {}
         old_logp = rollout.logp if o.old_logp == "rollout" else self.recompute_logp(batch)
+        kept = (batch.advantages != 0).cpu() if o.drop_zero_advantage else None
+        if kept is not None and not int(self.acc.reduce(kept.sum().to(self.acc.device), "sum")):
+            return {"dropped_zero_advantage": float(rollout.num_transitions)}  # no signal anywhere: no update
         for epoch in range(o.inner_epochs):
             order = torch.arange(rollout.num_transitions)
             if o.shuffle:
                 order = torch.randperm(rollout.num_transitions, generator=torch.Generator().manual_seed(
                     derive_seed(t.seed, batch.iteration, epoch, self.acc.process_index)))
-            for chunk in order.chunk(t.updates_per_iteration):
+            if kept is not None:
+                order = order[kept[order]]
+            # dropping: exactly updates_per_iteration parts on every process (some may be empty)
+            parts = order.chunk(t.updates_per_iteration) if kept is None else \
+                torch.tensor_split(order, t.updates_per_iteration)
+            for chunk in parts:
                 self._accumulate(batch, chunk, old_logp, stats)
                 grad_norm = self.optimizer_step()
                 if grad_norm is not None:
                     stats.setdefault("grad_norm", []).append(grad_norm)
-        return {k: torch.stack(v).float().mean().item() for k, v in stats.items()}
+        dropped = {} if kept is None else {"dropped_zero_advantage": float(rollout.num_transitions - int(kept.sum()))}
+        return {**{k: torch.stack(v).float().mean().item() for k, v in stats.items()}, **dropped}
 
     def _accumulate(self, batch: IterationBatch, chunk: torch.Tensor, old_logp: torch.Tensor,
                     stats: dict[str, list[torch.Tensor]]) -> None:
         """Gradients of one optimizer update, ``train_batch`` transitions per forward (synced on the last)."""
+        if not len(chunk):  # every transition of this update was dropped: a zero gradient keeps processes in step
+            self.acc.backward(sum(p.sum() for p in self.params) * 0.0)
+            return
         starts = list(range(0, len(chunk), self.t.train_batch))
         if len(starts) > 1 and self.acc.distributed_type == DistributedType.DEEPSPEED:
             raise FlowalignError(f"under DeepSpeed one optimizer update must be one minibatch: set "
@@ -187,9 +199,11 @@ class PolicyGradientTrainer(Trainer):
                    prev_sample=rollout.x_next[idx], noise_scale=rollout.scale[idx])
         shaped = [r for m in self.modifiers if (r := m.log_ratio(out, old_logp, rollout, idx)) is not None]
         log_ratio, divisor = shaped[0] if shaped else (None, 1.0)
+        weights = self.method.step_weights(out.std)
+        if torch.is_tensor(divisor) and divisor.ndim:  # a divisor per sample (GRPO-Guard): a weight of 1/divisor
+            weights, divisor = (1 / divisor if weights is None else weights / divisor), 1.0
         loss, stats = clipped_policy_loss(out.logp, old_logp, adv, self.method.clip_bound(adv),
-                                          self.method.options.adv_clip, weights=self.method.step_weights(out.std),
-                                          log_ratio=log_ratio)
+                                          self.method.options.adv_clip, weights=weights, log_ratio=log_ratio)
         loss = loss / divisor
         for modifier in self.modifiers:
             term = modifier.loss_term(self, batch, idx, v, out)

@@ -25,16 +25,18 @@ def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: 
 
 
 def guard_log_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mean: torch.Tensor, old_mean: torch.Tensor,
-                    std: torch.Tensor, sigma: torch.Tensor,
-                    sigma_next: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                    std: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor,
+                    scale: str = "per_sample") -> tuple[torch.Tensor, torch.Tensor]:
     """GRPO-Guard's ratio normalisation (docs/methods/modifiers.md, implemented from the reference formula):
-    ``b = mean((μ_θ - μ_old)²) / (2(g·sqrt(Δ̄))²)``, ``log r = (logp - logp_old + b)·sqrt(Δ̄)·g`` with ``g`` the
-    step's diffusion coefficient and ``Δ̄ = mean(sqrt|Δσ|)²`` over the batch. Adding ``b`` centres the log-ratio
-    (zero mean under the old policy) and the scaling puts every timestep on one scale. Returns ``log r`` and
-    ``Δ̄``, by which the policy loss is divided."""
+    ``b = mean((μ_θ - μ_old)²) / (2(g·sqrt(Δ))²)``, ``log r = (logp - logp_old + b)·sqrt(Δ)·g`` with ``g`` the
+    step's diffusion coefficient and ``Δ = sqrt|Δσ|²``. Adding ``b`` centres the log-ratio (zero mean under the
+    old policy) and the scaling puts every timestep on one scale. Returns ``log r`` and ``Δ``, by which the
+    policy loss is divided. ``per_sample``: each sample's own step (the references batch one step at a time, so
+    this is their result whatever the batching; ``Δ`` is then ``[B]``); ``batch``: ``Δ̄ = mean(sqrt|Δσ|)²``
+    over the minibatch, which mixes steps when minibatches are shuffled."""
     sqrt_dt = (sigma - sigma_next).abs().sqrt()
     g = std / sqrt_dt.clamp_min(1e-12)
-    delta_bar = sqrt_dt.mean() ** 2
+    delta_bar = sqrt_dt ** 2 if scale == "per_sample" else sqrt_dt.mean() ** 2
     sq = ((mean.float() - old_mean.float()) ** 2).mean(dim=tuple(range(1, mean.ndim)))
     b = sq / (2 * (g ** 2 * delta_bar).clamp_min(1e-20))
     return (logp - old_logp + b) * delta_bar.sqrt() * g, delta_bar
