@@ -287,3 +287,25 @@ def test_bf16_iteration_keeps_fp32_log_probs(dirs, family, tmp_path):
     rollout = trainer.rollout(1).rollout
     assert rollout.logp.dtype == torch.float32 and torch.isfinite(rollout.logp).all()
     trainer.acc.end_training()
+
+
+def test_flux_fastvideo_time_grid_is_the_papers(dirs):
+    """DanceGRPO / MixGRPO's FLUX grid: linspace(1, 0, 5) shifted by 3, by hand 3s/(1+2s) = [1, 0.9, 0.75, 0.5, 0];
+    the transformer sees sigma truncated to 1/1000 (0.12345 -> 0.123). The pipeline grid stays the default."""
+    gen = load(dirs, "flux", time_grid="fastvideo", time_shift=3.0)
+    assert torch.allclose(gen.sigmas(4).cpu(), torch.tensor([1.0, 0.9, 0.75, 0.5, 0.0]))
+    seen, transformer = [], gen.pipe.transformer
+    forward = transformer.forward
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["timestep"].clone())
+        return forward(*args, **kwargs)
+
+    transformer.forward = recording
+    cond = gen.encode(PROMPTS, negative_prompt=None)
+    with torch.no_grad():
+        gen.predict(seeded_noise(gen), torch.full((2,), 0.12345), cond.positive)
+    assert torch.allclose(seen[0].float(), torch.full((2,), 0.123))
+    assert not torch.allclose(load(dirs, "flux").sigmas(4).cpu(), gen.sigmas(4).cpu())
+    with pytest.raises(FlowalignError, match="time_grid must be 'pipeline' or 'fastvideo'"):
+        load(dirs, "flux", time_grid="linear")

@@ -9,6 +9,10 @@ Guidance: FLUX.1-dev is guidance-distilled: the guidance scale is an *input* of 
 (``guidance_embeds``), not two passes. It is the adapter's ``embedded_guidance`` (the pipeline's
 ``guidance_scale``, default 3.5); the interface's ``guidance`` is real CFG (the pipeline's
 ``true_cfg_scale``) and stays 1.0 by default, so FLUX configs keep ``train.guidance=1``.
+
+Time grid: ``time_grid="pipeline"`` is the pipeline's (``linspace(1, 1/N, N)`` shifted dynamically by the image
+token count, about 2.2 at 720²); ``"fastvideo"`` is the grid DanceGRPO, MixGRPO, Pref-GRPO and BranchGRPO sample
+FLUX on: ``linspace(1, 0, N+1)`` shifted by ``time_shift`` (3), the transformer given ``int(σ·1000)/1000``.
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ from diffusers import FluxPipeline
 from torch import nn
 
 from ..errors import FlowalignError
-from ..samplers.timegrid import from_scheduler_config
+from ..samplers.timegrid import from_scheduler_config, shifted_linspace
 from .base import Conditioning
 from .pipeline import PipelineGenerator
 
@@ -39,7 +43,8 @@ class FluxGenerator(PipelineGenerator):
     lora_format = ("FluxPipeline", "transformer")
 
     def __init__(self, pipe: FluxPipeline, device: torch.device | str = "cpu", height: int | None = None,
-                 width: int | None = None, embedded_guidance: float = 3.5, max_sequence_length: int = 512):
+                 width: int | None = None, embedded_guidance: float = 3.5, max_sequence_length: int = 512,
+                 time_grid: str = "pipeline", time_shift: float = 3.0):
         self.pipe = pipe.to(device)
         for module in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
             module.eval().requires_grad_(False)
@@ -52,6 +57,11 @@ class FluxGenerator(PipelineGenerator):
                                  f"got {self.height}x{self.width}")
         self.embedded_guidance = embedded_guidance
         self.max_sequence_length = max_sequence_length
+        if time_grid not in ("pipeline", "fastvideo"):
+            raise FlowalignError(f"FLUX: time_grid must be 'pipeline' or 'fastvideo', got {time_grid!r}")
+        if not 0 < time_shift <= 100:
+            raise FlowalignError(f"FLUX: time_shift must be in (0, 100], got {time_shift}")
+        self.time_grid, self.time_shift = time_grid, float(time_shift)
 
     @property
     def latent_shape(self) -> tuple[int, ...]:
@@ -91,6 +101,8 @@ class FluxGenerator(PipelineGenerator):
         guidance = None
         if pipe.transformer.config.guidance_embeds:
             guidance = torch.full((b,), self.embedded_guidance, device=x.device, dtype=torch.float32)
+        if self.time_grid == "fastvideo":  # FastVideo passes the timestep truncated to 1/1000
+            sigma = torch.floor(sigma.float() * 1000) / 1000
         out = self.forward_module(hidden_states=tokens, timestep=sigma.to(dtype), guidance=guidance,
                                   pooled_projections=embeds["pooled"].to(dtype),
                                   encoder_hidden_states=embeds["prompt_embeds"].to(dtype), txt_ids=txt_ids,
@@ -98,7 +110,10 @@ class FluxGenerator(PipelineGenerator):
         return pipe._unpack_latents(out, self.height, self.width, pipe.vae_scale_factor).float()
 
     def sigmas(self, num_steps: int) -> torch.Tensor:
-        """The pipeline's grid: ``linspace(1, 1/N, N)`` shifted (dynamically by the image token count), then 0."""
+        """The pipeline's grid: ``linspace(1, 1/N, N)`` shifted (dynamically by the image token count), then 0;
+        or with ``time_grid="fastvideo"`` the papers' ``linspace(1, 0, N+1)`` shifted by ``time_shift``."""
+        if self.time_grid == "fastvideo":
+            return shifted_linspace(num_steps, self.time_shift).to(self.device)
         _, h, w = self.latent_shape
         return from_scheduler_config(self.pipe.scheduler.config, num_steps, (h // 2) * (w // 2),
                                      base="flux").to(self.device)
