@@ -7,7 +7,8 @@ have had. Schedules (MixGRPO ``GRPOTrainingStates`` semantics; docs/methods/mix_
 - ``random``: a uniform start in ``[low, high - size]`` per iteration (Flow-GRPO-Fast draws in
   ``[0, num_steps // 2]``, MixGRPO ``random`` in ``[0, max_steps - size]``), seeded by the iteration;
 - ``progressive``: stays ``dwell`` iterations, then moves by ``stride`` (``stride = size``: no overlap;
-  1: MixGRPO's ``prog_overlap``); past the end it rolls back to ``start`` or stays at the last position;
+  1: MixGRPO's ``prog_overlap``); past the end it rolls back to ``start`` or stays at the last position
+  (``empty_dwell``: first one dwell at the end itself, where the window is empty, as MixGRPO's code does);
 - ``decay``: like progressive, with the dwell shrinking linearly from ``dwell`` to ``min_dwell`` as the
   window moves (``min_dwell`` defaults to ``dwell // 4``);
 - ``exp_decay``: dwell ``ceil(dwell · exp(-k · max(0, start - threshold)))``.
@@ -36,6 +37,9 @@ class WindowSchedule:
     exp_threshold: int = 13
     exp_k: float = 0.1
     seed: int = 0
+    #: MixGRPO's end of cycle: the window also visits position ``max_steps`` (empty: nothing trained) before
+    #: rolling back; off, it rolls back after the last position that holds a step.
+    empty_dwell: bool = False
 
     def steps(self, iteration: int, num_steps: int) -> list[int]:
         """The step indices (``i``: σ_i → σ_{i+1}) inside the window at ``iteration``."""
@@ -66,14 +70,15 @@ class WindowSchedule:
 
     def _sliding_start(self, iteration: int, last: int) -> int:
         """Walk the window forward from ``start``, spending each position's dwell, until ``iteration``."""
+        end = last if self.empty_dwell else last - 1  # the last position the window visits
         position, spent = self.start, 0
         while True:
             dwell = self._dwell_at(position, last)
             if iteration < spent + dwell:
-                return min(position, last - 1)
+                return min(position, end)
             spent += dwell
             position += self.stride
-            if position > last - 1:
+            if position > end:
                 if not self.roll_back:
-                    return last - 1
+                    return end
                 position = self.start

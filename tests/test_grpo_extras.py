@@ -175,3 +175,37 @@ def test_zero_advantage_transitions_can_be_dropped(tmp_path):
     assert metrics["dropped_zero_advantage"] == 24.0 and "policy_loss" not in metrics
     after = trainable_state(flat.gen.trainable_module, True)
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_mix_grpo_trimmed_group_statistics_by_hand():
+    """MixGRPO's trimmed_ratio 0.25 on a group [1, 2, 3, 10]: the lowest min(int(4·0.25), 3) = 1 reward leaves the
+    statistics: mean(2, 3, 10) = 5, unbiased std sqrt((9 + 4 + 25) / 2) = sqrt(19) = 4.358899, so the advantages
+    are [-4, -3, -2, 5] / 4.358899. A second group [0, 0, 1, 1] at ratio 0.25 keeps [0, 1, 1]: mean 2/3,
+    std sqrt((4/9 + 1/9 + 1/9) / 2) = 0.5773503."""
+    from flowalign.algorithms.grpo.advantages import trimmed_group_advantages
+
+    rewards = torch.tensor([1.0, 2.0, 3.0, 10.0, 0.0, 0.0, 1.0, 1.0])
+    groups = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    adv = trimmed_group_advantages(rewards, groups, 0.25, eps=1e-8)
+    expected = torch.tensor([-4 / 4.358899, -3 / 4.358899, -2 / 4.358899, 5 / 4.358899,
+                             -(2 / 3) / 0.5773503, -(2 / 3) / 0.5773503, (1 / 3) / 0.5773503, (1 / 3) / 0.5773503])
+    assert torch.allclose(adv, expected, atol=1e-5)
+
+
+def test_mix_grpo_window_dwells_on_an_empty_window_before_rolling_back(tmp_path):
+    """MixGRPO's end of cycle: size 2 below step 4, one iteration per position: [0,1] [1,2] [2,3] [3] [] then
+    back to [0,1]; without empty_dwell it rolls back straight after [3]. A run through the empty window samples
+    (ODE only) and trains nothing that iteration."""
+    from flowalign.samplers.windows import WindowSchedule
+
+    paper = WindowSchedule("progressive", size=2, max_steps=4, dwell=1, stride=1, empty_dwell=True)
+    assert [paper.steps(i, 6) for i in range(6)] == [[0, 1], [1, 2], [2, 3], [3], [], [0, 1]]
+    plain = WindowSchedule("progressive", size=2, max_steps=4, dwell=1, stride=1)
+    assert [plain.steps(i, 6) for i in range(5)] == [[0, 1], [1, 2], [2, 3], [3], [0, 1]]
+    cfg = load_config("configs/toy/digits_mix_grpo.yaml", [
+        "train.prompts_per_iteration=2", "mix_grpo.group_size=2", "train.steps=6", "train.eval_prompts=0",
+        "train.checkpoint_every=0", "train.iterations=6", "mix_grpo.window_size=2", "mix_grpo.window_dwell=1",
+        "mix_grpo.window_empty_dwell=true", "mix_grpo.trimmed_ratio=0.25", f"output_dir={tmp_path}"])
+    history = make_trainer(cfg).fit(progress=False)
+    assert "policy_loss" not in history[4] and all("policy_loss" in h for i, h in enumerate(history) if i != 4)
+    assert all(torch.isfinite(torch.tensor(h["reward/mean"])) for h in history)

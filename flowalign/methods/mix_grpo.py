@@ -13,6 +13,7 @@ from typing import Literal
 
 import torch
 
+from ..algorithms.grpo.advantages import aggregated_advantages, trimmed_group_advantages
 from ..samplers.rollout import Node
 from ..samplers.windows import WindowSchedule
 from ..typed import bounded
@@ -30,6 +31,10 @@ class MixGRPOOptions(PolicyGradientOptions):
     window_stride: int = bounded(1, min=1, doc="how far it moves (1: overlapping)")
     window_roll_back: bool = bounded(True, doc="restart at step 0 past the end (else stay at the end)")
     window_max_steps: int | None = bounded(None, min=1, doc="the window stays below this step (default steps - 2)")
+    window_empty_dwell: bool = bounded(False, doc="at the end of a cycle, dwell once on an empty window (no step "
+                                       "trained) before rolling back, as MixGRPO's code does")
+    trimmed_ratio: float = bounded(0.0, min=0.0, max=1.0, doc="group mean and std without the lowest "
+                                   "int(G*ratio) rewards (MixGRPO's trimmed statistics; 0: off)")
     share_noise: bool = bounded(False, doc="one initial noise per group")
 
 
@@ -37,7 +42,8 @@ def sliding_window(options, seed: int, max_steps: int, size: int | None = None) 
     """MixGRPO's window schedule (also Dynamic-TreeRPO's): a pure function of the iteration."""
     return WindowSchedule(options.window_kind, size=size or options.window_size, dwell=options.window_dwell,
                           stride=options.window_stride, roll_back=options.window_roll_back,
-                          max_steps=options.window_max_steps or max_steps, seed=seed)
+                          max_steps=options.window_max_steps or max_steps, seed=seed,
+                          empty_dwell=getattr(options, "window_empty_dwell", False))
 
 
 @register_method
@@ -56,6 +62,17 @@ class MixGRPO(PolicyGradientMethod):
     def sde_window(self, iteration: int) -> list[int]:
         T = self.train.steps
         return sliding_window(self.options, self.train.seed, T - 2).steps(iteration, T)
+
+    def leaf_advantages(self, rewards, groups, parts=None, weights=None) -> torch.Tensor:
+        """Group z-scores; with ``trimmed_ratio`` > 0 MixGRPO's trimmed group statistics (per reward first when
+        ``reward.aggregate: advantage``)."""
+        o = self.options
+        if not o.trimmed_ratio:
+            return super().leaf_advantages(rewards, groups, parts, weights)
+        norm = dict(ratio=o.trimmed_ratio, eps=o.std_eps, unbiased=o.unbiased_std)
+        if parts:
+            return aggregated_advantages(parts, weights, groups, trimmed_group_advantages, **norm)
+        return trimmed_group_advantages(rewards, groups, **norm)
 
     def plan(self, sigmas: torch.Tensor, iteration: int, select: list[int] | None) -> tuple[list[Node], torch.Tensor]:
         window = self.sde_window(iteration)

@@ -27,6 +27,21 @@ def group_advantages(rewards: torch.Tensor, groups: torch.Tensor, std: Literal["
     return centred / ((sq / denom).sqrt()[inverse] + eps)
 
 
+def trimmed_group_advantages(rewards: torch.Tensor, groups: torch.Tensor, ratio: float, eps: float = 1e-8,
+                             unbiased: bool = True) -> torch.Tensor:
+    """MixGRPO's ``trimmed_ratio``: each group's mean and std over its rewards without the lowest
+    ``min(int(G·ratio), G-1)`` (outliers below cannot drag the baseline down), then ``(R - mean) / (std + eps)``
+    for every member. A loop over groups: run once per iteration on the gathered rewards."""
+    rewards, adv = rewards.float(), torch.zeros_like(rewards, dtype=torch.float32)
+    for group in torch.unique(groups):
+        members = groups == group
+        kept = torch.sort(rewards[members]).values
+        kept = kept[min(int(len(kept) * ratio), len(kept) - 1):]
+        std = kept.std(unbiased=unbiased) if len(kept) > 1 else kept.new_tensor(0.0)
+        adv[members] = (rewards[members] - kept.mean()) / (std + eps)
+    return adv
+
+
 def transition_advantages(leaf_advantages: torch.Tensor, transition_leaves: torch.Tensor,
                           reduce: Literal["mean", "sum"] = "mean") -> torch.Tensor:
     """Each transition's advantage from the leaves credited to it (one leaf for independent trajectories)."""
@@ -36,10 +51,10 @@ def transition_advantages(leaf_advantages: torch.Tensor, transition_leaves: torc
 
 
 def aggregated_advantages(parts: dict[str, torch.Tensor], weights: dict[str, float], groups: torch.Tensor,
-                          **kwargs) -> torch.Tensor:
+                          estimator=group_advantages, **kwargs) -> torch.Tensor:
     """MixGRPO's ``advantage_aggr``: normalise each reward within its groups, then sum with the weights,
     so a reward with a large scale cannot drown the others."""
-    return sum(weights[name] * group_advantages(r, groups, **kwargs) for name, r in parts.items())
+    return sum(weights[name] * estimator(r, groups, **kwargs) for name, r in parts.items())
 
 
 def node_advantages(leaf_rewards: torch.Tensor, node_leaves: torch.Tensor, node_group: torch.Tensor,
