@@ -172,7 +172,8 @@ def test_report_and_final_lora(tmp_path):
                                      ["train.lora_rank=0", "train.lr=1e-5"], ["train.ema_decay=0.9"],
                                      ["flow_grpo.share_noise=true"], ["modifiers.fast.window_size=2"],
                                      ["modifiers.cps.noise_level=0.8"],
-                                     ["modifiers.cps.noise_level=0.8", "modifiers.kl.beta=0.04"]])
+                                     ["modifiers.cps.noise_level=0.8", "modifiers.kl.beta=0.04"],
+                                     ["modifiers.fast.window_size=2", "modifiers.flash.tail=paper"]])
 def test_training_options_run(tmp_path, options):
     """Each option trains an iteration end to end and saves its final weights (bf16 autocast on CPU too)."""
     from accelerate.state import AcceleratorState

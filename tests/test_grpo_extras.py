@@ -205,7 +205,84 @@ def test_mix_grpo_window_dwells_on_an_empty_window_before_rolling_back(tmp_path)
     cfg = load_config("configs/toy/digits_mix_grpo.yaml", [
         "train.prompts_per_iteration=2", "mix_grpo.group_size=2", "train.steps=6", "train.eval_prompts=0",
         "train.checkpoint_every=0", "train.iterations=6", "mix_grpo.window_size=2", "mix_grpo.window_dwell=1",
-        "mix_grpo.window_empty_dwell=true", "mix_grpo.trimmed_ratio=0.25", f"output_dir={tmp_path}"])
+        "mix_grpo.window_empty_dwell=true", "mix_grpo.trimmed_ratio=0.25", "mix_grpo.rerange=balance",
+        f"output_dir={tmp_path}"])
     history = make_trainer(cfg).fit(progress=False)
     assert "policy_loss" not in history[4] and all("policy_loss" in h for i, h in enumerate(history) if i != 4)
     assert all(torch.isfinite(torch.tensor(h["reward/mean"])) for h in history)
+
+
+def test_flash_paper_tail_by_hand():
+    """MixGRPO-Flash's own tail: T = 25 on the shifted linspace (shift 3), window ending at step 3, fraction 0.4:
+    int((25 - 3)·0.4) = 8 points of linspace(0.84, 0, 8) = 0.84, 0.72, ..., 0, each through 3t / (1 + 2t):
+    [0.940299, 0.885246, 0.818182, 0.734694, 0.627907, 0.486486, 0.290323, 0]; the interpolated tail has
+    int((25 - 1 - 3)·0.4) = 8 steps (9 points) along the grid instead."""
+    from flowalign.modifiers.flash import Flash, FlashOptions
+    from flowalign.samplers.timegrid import shifted_linspace
+
+    sigmas = shifted_linspace(25, 3.0)
+    kept, tail = Flash(FlashOptions(tail="paper"), None).rollout_grid(sigmas, None, [0, 1, 2, 3])
+    expected = torch.tensor([0.940299, 0.885246, 0.818182, 0.734694, 0.627907, 0.486486, 0.290323, 0.0])
+    assert torch.allclose(tail, expected, atol=1e-5) and torch.equal(kept, sigmas[:5])
+    _, interpolated = Flash(FlashOptions(), None).rollout_grid(sigmas, None, [0, 1, 2, 3])
+    assert len(interpolated) == 9 and interpolated[0] == sigmas[4] and interpolated[-1] == 0
+
+
+def test_branchgrpo_probability_weighted_node_rewards_by_hand():
+    """A root over A = {0, 1} (step log-prob -1) and B = {2, 3} (-2); A's leaves have step log-probs 0.5, -0.5,
+    B's 0, 0; leaf rewards [1, 0, 0.2, 0.6]. By hand: A = softmax(0.5, -0.5)·(1, 0) = sigmoid(1) = 0.7310586,
+    B = 0.4, root = sigmoid(1)·0.7310586 + (1 - sigmoid(1))·0.4 = 0.6420232. A skipped leaf (NaN reward, left out
+    of node_leaves) drops out of its parent's softmax: with leaf 0 skipped, A = 0."""
+    from flowalign.algorithms.grpo.advantages import prob_weighted_node_rewards
+
+    below = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [0, 0, 1, 1], [1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0],
+                          [0, 0, 0, 1]], dtype=torch.bool)
+    depth = torch.tensor([0, 1, 1, 2, 2, 2, 2])
+    edge = torch.tensor([0.0, -1.0, -2.0, 0.5, -0.5, 0.0, 0.0])
+    rewards = torch.tensor([1.0, 0.0, 0.2, 0.6])
+    got = prob_weighted_node_rewards(rewards, below, depth, edge)
+    assert torch.allclose(got, torch.tensor([0.6420232, 0.7310586, 0.4, 1.0, 0.0, 0.2, 0.6]), atol=1e-6)
+    skipped = below.clone()
+    skipped[:, 0] = False
+    got = prob_weighted_node_rewards(rewards, skipped, depth, edge)
+    assert torch.isnan(got[3]) and got[1] == 0.0
+
+
+def test_tree_grpo_trains_with_probability_weighted_node_rewards(tmp_path):
+    """Dynamic-TreeRPO with BranchGRPO's node rewards: the children's steps into them carry log-probs (SDE
+    branches), the advantages differ from the mean-reward ones, and an iteration trains."""
+    from flowalign.methods.tree_grpo import edge_log_probs
+
+    overrides = ["train.prompts_per_iteration=2", "train.steps=6", "tree_grpo.tree_depth=2", "tree_grpo.window_size=2",
+                 "train.eval_prompts=0", "train.checkpoint_every=0", "train.iterations=1"]
+    trainers = [make_trainer(load_config("configs/toy/digits_tree_grpo.yaml", [*overrides, *extra,
+                                                                              f"output_dir={tmp_path / str(i)}"]))
+                for i, extra in enumerate([[], ["tree_grpo.node_reward=prob_weighted"]])]
+    batches = []
+    for tr in trainers:
+        batch = tr.rollout(0)
+        tr.score(batch)
+        tr.advantages(batch)
+        batches.append(batch)
+    rollout = batches[1].rollout
+    children = rollout.node_depth > 0
+    assert bool((edge_log_probs(rollout)[children] != 0).all())
+    assert torch.allclose(batches[0].rewards, batches[1].rewards)
+    assert not torch.allclose(batches[0].advantages, batches[1].advantages)
+    history = trainers[1].fit(progress=False)
+    assert torch.isfinite(torch.tensor(history[0]["policy_loss"]))
+
+
+def test_mix_grpo_balance_rerange_alternates_signs_and_drops_zeros():
+    """MixGRPO's advantage_rerange_strategy=balance: advantages [0.5, -1, 0, 2, -0.3, 0.7] have 3 positive,
+    2 negative and 1 zero transition: the order takes the smaller (negative) side first, in turns, then the rest:
+    signs -, +, -, +, +; the zero one is dropped. `none` keeps the order as given."""
+    from flowalign.methods.mix_grpo import MixGRPO, MixGRPOOptions
+
+    adv = torch.tensor([0.5, -1.0, 0.0, 2.0, -0.3, 0.7])
+    method = MixGRPO(MixGRPOOptions(rerange="balance"), load_config("configs/toy/digits_mix_grpo.yaml").train)
+    order = method.update_order(torch.arange(6), adv, torch.Generator().manual_seed(0))
+    assert torch.sign(adv[order]).tolist() == [-1, 1, -1, 1, 1] and sorted(order.tolist()) == [0, 1, 3, 4, 5]
+    plain = MixGRPO(MixGRPOOptions(), load_config("configs/toy/digits_mix_grpo.yaml").train)
+    assert torch.equal(plain.update_order(torch.arange(6), adv, torch.Generator()), torch.arange(6))
+    assert method.reorders and not plain.reorders

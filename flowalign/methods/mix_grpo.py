@@ -35,6 +35,9 @@ class MixGRPOOptions(PolicyGradientOptions):
                                        "trained) before rolling back, as MixGRPO's code does")
     trimmed_ratio: float = bounded(0.0, min=0.0, max=1.0, doc="group mean and std without the lowest "
                                    "int(G*ratio) rewards (MixGRPO's trimmed statistics; 0: off)")
+    rerange: Literal["none", "balance"] = bounded(
+        "none", doc="balance: updates alternate positive- and negative-advantage transitions, zero ones dropped "
+        "(MixGRPO's advantage_rerange_strategy=balance); none: the order shuffle gives")
     share_noise: bool = bounded(False, doc="one initial noise per group")
 
 
@@ -62,6 +65,23 @@ class MixGRPO(PolicyGradientMethod):
     def sde_window(self, iteration: int) -> list[int]:
         T = self.train.steps
         return sliding_window(self.options, self.train.seed, T - 2).steps(iteration, T)
+
+    @property
+    def reorders(self) -> bool:
+        return self.options.rerange == "balance"
+
+    def update_order(self, order: torch.Tensor, advantages: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """``rerange: balance``: positive and negative transitions, each shuffled, taken in turns (the smaller
+        side first), the rest of the larger side after; zero-advantage ones dropped, as MixGRPO's code."""
+        if self.options.rerange != "balance":
+            return order
+        sign = advantages[order]
+        pos, neg = order[sign > 0], order[sign < 0]
+        pos = pos[torch.randperm(len(pos), generator=generator)]
+        neg = neg[torch.randperm(len(neg), generator=generator)]
+        small, large = (pos, neg) if len(pos) < len(neg) else (neg, pos)
+        paired = torch.stack([small, large[:len(small)]], dim=1).flatten()
+        return torch.cat([paired, large[len(small):]])
 
     def leaf_advantages(self, rewards, groups, parts=None, weights=None) -> torch.Tensor:
         """Group z-scores; with ``trimmed_ratio`` > 0 MixGRPO's trimmed group statistics (per reward first when

@@ -84,6 +84,13 @@ class PolicyGradientMethod(Method):
             return aggregated_advantages(parts, weights, groups, **norm)
         return group_advantages(rewards, groups, **norm)
 
+    #: whether ``update_order`` may drop transitions (then every process splits its updates the same way)
+    reorders: ClassVar[bool] = False
+
+    def update_order(self, order: torch.Tensor, advantages: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """The order (a subset) of the stored transitions the updates go through; as given by default."""
+        return order
+
     def credit(self, rollout: Rollout, leaf_advantages: torch.Tensor, leaf_rewards: torch.Tensor) -> torch.Tensor:
         """Each stored transition's advantage: the mean over the leaves below it (one leaf per trajectory)."""
         return transition_advantages(leaf_advantages, rollout.transition_leaves, "mean")

@@ -15,7 +15,7 @@ from typing import Literal
 
 import torch
 
-from ..algorithms.grpo.advantages import node_advantages
+from ..algorithms.grpo.advantages import node_advantages, prob_weighted_node_rewards
 from ..algorithms.grpo.loss import reward_conditioned_clip
 from ..samplers.rollout import Node, Rollout
 from ..samplers.structures import linear_depth_noise, tree
@@ -40,6 +40,10 @@ class TreeGRPOOptions(PolicyGradientOptions):
     clip_low: float = bounded(1e-4, min=0.0)
     clip_high: float = bounded(1e-3, min=0.0)
     clip_eta: float = bounded(1.0, min=0.0)
+    node_reward: Literal["mean", "prob_weighted"] = bounded(
+        "mean", doc="a node's reward: the mean of its leaves (Dynamic-TreeRPO), or BranchGRPO's softmax over its "
+        "children's step log-probs")
+    node_temperature: float = bounded(1.0, min=0.0, doc="prob_weighted: the softmax's temperature (BranchGRPO: 1)")
     std: Literal["global", "group"] = "group"
 
 
@@ -84,8 +88,12 @@ class TreeGRPO(PolicyGradientMethod):
         (skipped leaves, NaN rewards, left out)."""
         o = self.options
         valid = torch.isfinite(leaf_rewards)
-        adv = node_advantages(torch.where(valid, leaf_rewards, torch.zeros_like(leaf_rewards)),
-                              rollout.node_leaves & valid, rollout.node_group, std=o.std, eps=o.std_eps,
+        rewards, below = torch.where(valid, leaf_rewards, torch.zeros_like(leaf_rewards)), rollout.node_leaves & valid
+        node_reward = None
+        if o.node_reward == "prob_weighted":
+            node_reward = prob_weighted_node_rewards(rewards, below, rollout.node_depth, edge_log_probs(rollout),
+                                                     o.node_temperature)
+        adv = node_advantages(rewards, below, rollout.node_group, node_reward, std=o.std, eps=o.std_eps,
                               unbiased=o.unbiased_std)
         return adv[rollout.owner]
 
@@ -93,3 +101,14 @@ class TreeGRPO(PolicyGradientMethod):
         o = self.options
         return reward_conditioned_clip(advantages, o.clip_low, o.clip_high, o.clip_eta) if o.clip_dynamic \
             else o.clip_range
+
+
+def edge_log_probs(rollout: Rollout) -> torch.Tensor:
+    """``[N]``: the log-prob of each node's first stored step, the step into it from its parent (0 for a node with
+    no stored step)."""
+    n = rollout.node_leaves.shape[0]
+    steps = torch.arange(len(rollout.owner), device=rollout.owner.device)
+    first = torch.full((n,), len(rollout.owner), device=rollout.owner.device).scatter_reduce(
+        0, rollout.owner, steps, reduce="amin")
+    logp = torch.cat([rollout.logp.float(), rollout.logp.new_zeros(1).float()])
+    return logp[first]

@@ -158,8 +158,10 @@ class PolicyGradientTrainer(Trainer):
                     derive_seed(t.seed, batch.iteration, epoch, self.acc.process_index)))
             if kept is not None:
                 order = order[kept[order]]
+            order = self.method.update_order(order, batch.advantages.cpu(), torch.Generator().manual_seed(
+                derive_seed(t.seed, batch.iteration, epoch, self.acc.process_index, 17)))
             # dropping: exactly updates_per_iteration parts on every process (some may be empty)
-            parts = order.chunk(t.updates_per_iteration) if kept is None else \
+            parts = order.chunk(t.updates_per_iteration) if kept is None and not self.method.reorders else \
                 torch.tensor_split(order, t.updates_per_iteration)
             for chunk in parts:
                 self._accumulate(batch, chunk, old_logp, stats)

@@ -57,13 +57,38 @@ def aggregated_advantages(parts: dict[str, torch.Tensor], weights: dict[str, flo
     return sum(weights[name] * estimator(r, groups, **kwargs) for name, r in parts.items())
 
 
+def prob_weighted_node_rewards(leaf_rewards: torch.Tensor, node_leaves: torch.Tensor, node_depth: torch.Tensor,
+                               edge_logp: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """BranchGRPO's probability-weighted node rewards, bottom-up: a node with children takes
+    ``Σ_c softmax(temperature · logp_c) · reward_c`` over them (``logp_c``: the log-prob of the step into child c),
+    a node without children the mean of its leaves. Leaves outside ``node_leaves`` (skipped) leave their nodes
+    out of the softmax; a node with none left is NaN. A loop over nodes: run once per iteration."""
+    leaves = node_leaves.float()
+    overlap = (leaves @ leaves.T) > 0
+    children = overlap & (node_depth[:, None] + 1 == node_depth[None, :])  # [parent, child]
+    reward = torch.full((len(node_depth),), float("nan"), device=leaf_rewards.device)
+    for n in sorted(range(len(node_depth)), key=lambda i: -int(node_depth[i])):  # deepest first
+        kids = children[n].nonzero().flatten()
+        kids = kids[torch.isfinite(reward[kids])]
+        if len(kids):
+            weights = torch.softmax(temperature * edge_logp[kids].float(), dim=0)
+            reward[n] = (weights * reward[kids]).sum()
+        elif not children[n].any() and bool(node_leaves[n].any()):
+            reward[n] = leaf_rewards.float()[node_leaves[n]].mean()
+    return reward
+
+
 def node_advantages(leaf_rewards: torch.Tensor, node_leaves: torch.Tensor, node_group: torch.Tensor,
-                    **kwargs) -> torch.Tensor:
-    """Tree advantages (BranchGRPO / Dynamic-TreeRPO): a node's reward is the mean of the leaves below it,
-    normalised among the nodes of its group (the same prompt and depth)."""
+                    node_reward: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+    """Tree advantages (BranchGRPO / Dynamic-TreeRPO): a node's reward is the mean of the leaves below it (or
+    ``node_reward``, e.g. probability-weighted; NaN: none), normalised among the nodes of its group (the same
+    prompt and depth)."""
     weights = node_leaves.float()
-    has_leaves = weights.sum(1) > 0
-    node_reward = (weights @ leaf_rewards.float()) / weights.sum(1).clamp_min(1)
+    if node_reward is None:
+        has_leaves = weights.sum(1) > 0
+        node_reward = (weights @ leaf_rewards.float()) / weights.sum(1).clamp_min(1)
+    else:
+        has_leaves = torch.isfinite(node_reward)
     adv = torch.zeros_like(node_reward)
     adv[has_leaves] = group_advantages(node_reward[has_leaves], node_group[has_leaves], **kwargs)
     return adv
