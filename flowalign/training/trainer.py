@@ -63,7 +63,8 @@ class Trainer:
         self.lora = t.lora_rank > 0
         self._prepare_policy()
         self.iteration, self.history = 0, []
-        self.activity, self.saved = "iteration 0", None  # what Ctrl-C waits for; the newest checkpoint written
+        # what Ctrl-C waits for; the iteration count of the newest checkpoint (every process) and its path (main)
+        self.activity, self.saved_iteration, self.saved = "iteration 0", None, None
         self.method.setup(self)
         if self.acc.is_main_process:
             self.acc.init_trackers("flowalign")
@@ -188,8 +189,7 @@ class Trainer:
                 while self.iteration < self.t.iterations and not stop.requested:
                     self._iterate(bar)
             if stop.requested:
-                path = self.saved if self.saved and self.saved.name == f"checkpoint-{self.iteration}" \
-                    else self.save_checkpoint()
+                path = self.saved if self.saved_iteration == self.iteration else self.save_checkpoint()
                 print(f"flowalign: stopped after iteration {self.iteration - 1}; saved {path} "
                       "(resume with --resume_from_checkpoint latest)")
                 raise SystemExit(130)
@@ -262,8 +262,8 @@ class Trainer:
             path = ckpt.save_checkpoint(self.out / "checkpoints", self.iteration, {**weights, **extra_weights},
                                         optimizers, state, ema, self.t.checkpoints_total_limit,
                                         ckpt.shaping_config(self.cfg, self.gen.lora_target_modules))
-            self.saved = path
         self.acc.wait_for_everyone()
+        self.saved_iteration, self.saved = self.iteration, path  # on every process: a stop decides alike
         return path
 
     def _gathered_state(self) -> dict[str, torch.Tensor] | None:
@@ -287,9 +287,10 @@ class Trainer:
         if state["iteration"] > self.t.iterations:
             raise FlowalignError(f"{path}: holds {state['iteration']} iterations, more than this run's "
                                  f"train.iterations ({self.t.iterations})")
-        extra_names = set(self.method.extra_state(self)[0])
+        extra = self.method.extra_state(self)[0]
+        extra_names = set(extra)
         current = {**trainable_shapes(self.gen.trainable_module, self.lora),
-                   **{k: tuple(v.shape) for k, v in self.method.extra_state(self)[0].items()}}
+                   **{k: tuple(v.shape) for k, v in extra.items()}}
         ckpt.check_fits(path, weights, current, ckpt.read_manifest_config(path),
                         ckpt.shaping_config(self.cfg, self.gen.lora_target_modules))
         self.method.load_extra_state(self, {k: v for k, v in weights.items() if k in extra_names}, optimizers)
