@@ -32,6 +32,7 @@ class Step:
     sigma_next: float
     scale: float = 0.0
     train: bool = False
+    index: int = -1  # the step's position in the sampling grid (σ = sigmas[index]); -1 when not on it
 
 
 @dataclass
@@ -60,6 +61,7 @@ class Rollout:
     row: torch.Tensor  # conditioning row of each transition
     owner: torch.Tensor  # the node each transition belongs to
     round: torch.Tensor  # the round (model pass) that took it: transitions are stored round by round
+    step: torch.Tensor  # the step's position in the sampling grid (``Step.index``)
     # leaves [L]
     leaves: torch.Tensor
     leaf_row: torch.Tensor
@@ -140,7 +142,8 @@ def run_plan(velocity: VelocityFn, roots: list[Node], root_rows: torch.Tensor, x
     # live states: tensor + (node, position, row) per state
     states, where = x_init.float(), [(root, 0, int(r)) for root, r in zip(roots, root_rows.tolist())]
     transitions: dict[str, list[torch.Tensor]] = {k: [] for k in ("x", "x_next", "sigma", "sigma_next", "scale",
-                                                                  "logp", "mean", "row", "owner", "round")}
+                                                                  "logp", "mean", "row", "owner", "round",
+                                                                  "step")}
     leaves, leaf_nodes, leaf_rows, nfe, rounds = [], [], [], 0, 0
     while where:
         live = [i for i, (node, k, _) in enumerate(where) if _outgoing(node, k)]
@@ -186,6 +189,7 @@ def run_plan(velocity: VelocityFn, roots: list[Node], root_rows: torch.Tensor, x
             transitions["row"].append(rows[p[sel]])
             transitions["owner"].append(torch.tensor([node_id[id(targets[e][0])] for e in trained], device=device))
             transitions["round"].append(torch.full((len(trained),), rounds, dtype=torch.long, device=device))
+            transitions["step"].append(torch.tensor([steps[e].index for e in trained], device=device))
         states, rounds = x_next, rounds + 1
         where = [(n, k + 1, where[live[j]][2]) for (n, k), j in zip(targets, parent)]
     return _assemble(transitions, leaves, leaf_nodes, leaf_rows, roots, nodes, nfe, schedule, x_init)
@@ -236,6 +240,7 @@ def _assemble(tr, leaves, leaf_nodes, leaf_rows, roots, nodes, nfe, schedule, x_
         sigma=cat("sigma", empty(0)), sigma_next=cat("sigma_next", empty(0)), scale=cat("scale", empty(0)),
         logp=cat("logp", empty(0)), mean=cat("mean", empty(0, *shape)), row=cat("row", empty(0, dtype=torch.long)),
         owner=cat("owner", empty(0, dtype=torch.long)), round=cat("round", empty(0, dtype=torch.long)),
+        step=cat("step", empty(0, dtype=torch.long)),
         leaves=torch.stack(leaves) if leaves else empty(0, *shape),
         leaf_row=torch.tensor(leaf_rows, dtype=torch.long, device=device),
         leaf_group=group_ids([nodes[n].leaf_group for n in leaf_nodes]).to(device),
@@ -268,7 +273,7 @@ def concat_rollouts(parts: list[Rollout]) -> Rollout:
         x=step("x"), x_next=step("x_next"), sigma=step("sigma"), sigma_next=step("sigma_next"), scale=step("scale"),
         logp=step("logp"), mean=step("mean"), row=step("row"),
         owner=torch.cat([r.owner + n0 for r, n0 in zip(parts, node_offsets)])[order], round=rounds[order],
-        leaves=cat("leaves"), leaf_row=cat("leaf_row"),
+        step=step("step"), leaves=cat("leaves"), leaf_row=cat("leaf_row"),
         leaf_group=torch.cat([r.leaf_group + g0 for r, g0 in zip(parts, group_offsets)]),
         leaf_node=torch.cat([r.leaf_node + n0 for r, n0 in zip(parts, node_offsets)]),
         node_leaves=below, node_group=torch.cat([r.node_group + g0 for r, g0 in zip(parts, node_group_offsets)]),

@@ -16,7 +16,7 @@ from .rollout import Node, Step
 
 def _steps(sigmas: torch.Tensor, indices, sde: set[int], train: set[int], scale: float = 1.0) -> list[Step]:
     s = sigmas.tolist()
-    return [Step(s[i], s[i + 1], scale if i in sde else 0.0, i in train and i in sde) for i in indices]
+    return [Step(s[i], s[i + 1], scale if i in sde else 0.0, i in train and i in sde, index=i) for i in indices]
 
 
 def independent(sigmas: torch.Tensor, num_prompts: int, group_size: int, sde_steps: list[int] | None = None,
@@ -93,7 +93,7 @@ def singular(sigmas: torch.Tensor, num_prompts: int, sde_steps: list[int], group
 
     def finish(start: int, stride: int) -> list[Step]:
         grid = list(range(start, T, stride)) + [T]
-        return [Step(s[a], s[b]) for a, b in zip(grid[:-1], grid[1:])]
+        return [Step(s[a], s[b], index=a) for a, b in zip(grid[:-1], grid[1:])]
 
     roots = []
     for p in range(num_prompts):

@@ -46,14 +46,16 @@ CASES = {
                                                                   "train.updates_per_iteration=1"]),
     "mix_grpo_flash": ("configs/toy/digits_mix_grpo_flash.yaml", ["mix_grpo.group_size=4", "mix_grpo.window_size=2",
                                                                   "train.updates_per_iteration=1"]),
-    # whole prompts per process: shared trunks (noise keyed by node), a pairwise judge, best paths
+    # whole prompts per process: shared trunks (noise keyed by node), a pairwise judge, best paths; the tree with
+    # BranchGRPO's best/worst width pruning (per prompt, so alike on any number of processes)
     "tempflow_grpo": ("configs/toy/digits_tempflow_grpo.yaml", ["tempflow_grpo.group_size=2",
                                                                "tempflow_grpo.branch_steps=[0, 2]",
                                                                "train.updates_per_iteration=1"]),
     "g2rpo": ("configs/toy/digits_g2rpo.yaml", ["g2rpo.group_size=2", "g2rpo.sde_steps=[0, 1]",
                                                "train.updates_per_iteration=1"]),
-    "tree_layer_tuning": ("configs/toy/digits_tree_grpo.yaml", ["tree_grpo.tree_depth=2", "tree_grpo.window_size=2",
+    "tree_layer_tuning": ("configs/toy/digits_tree_grpo.yaml", ["tree_grpo.tree_depth=2", "tree_grpo.window_size=3",
                                                                "modifiers.layer_tuning={}",
+                                                               "tree_grpo.width_pruning=best_worst",
                                                                "train.updates_per_iteration=1"]),
     "pref_grpo": ("configs/toy/digits_pref_grpo.yaml", ["flow_grpo.group_size=4", "train.updates_per_iteration=1"]),
     "flow_layer_tuning": ("configs/toy/digits_flow_grpo.yaml", ["flow_grpo.group_size=4", "modifiers.layer_tuning={}",

@@ -84,6 +84,11 @@ class PolicyGradientMethod(Method):
             return aggregated_advantages(parts, weights, groups, **norm)
         return group_advantages(rewards, groups, **norm)
 
+    def trained(self, rollout: Rollout, advantages: torch.Tensor, iteration: int) -> torch.Tensor | None:
+        """Which stored transitions the updates train (bool ``[T]``, on the host; None: all). Sampling and
+        advantages are unchanged; the others are pruned (BranchGRPO's width and depth pruning)."""
+        return None
+
     #: whether ``update_order`` may drop transitions (then every process splits its updates the same way)
     reorders: ClassVar[bool] = False
 

@@ -17,6 +17,7 @@ import torch
 
 from ..algorithms.grpo.advantages import node_advantages, prob_weighted_node_rewards
 from ..algorithms.grpo.loss import reward_conditioned_clip
+from ..algorithms.grpo.pruning import depth_kept, sliding_depths, width_kept
 from ..samplers.rollout import Node, Rollout
 from ..samplers.structures import linear_depth_noise, tree
 from ..typed import bounded
@@ -45,6 +46,20 @@ class TreeGRPOOptions(PolicyGradientOptions):
         "children's step log-probs")
     node_temperature: float = bounded(1.0, min=0.0, doc="prob_weighted: the softmax's temperature (BranchGRPO: 1)")
     std: Literal["global", "group"] = "group"
+    zero_std_below: float = bounded(0.0, min=0.0, doc="advantages 0 among nodes whose reward std is below this "
+                                    "(BranchGRPO: 1e-6)")
+    depth_pruning: list[int] = bounded([], doc="BranchGRPO: depths whose transitions are not trained (depth d: "
+                                       "the state after d steps; sampling and rewards unchanged)")
+    depth_pruning_slide: bool = bounded(False, doc="move the pruned depths up by one every slide_interval "
+                                        "iterations")
+    depth_pruning_slide_interval: int = bounded(1, min=1)
+    depth_pruning_stop_depth: int | None = bounded(None, min=0, doc="sliding stops when the shallowest pruned depth "
+                                                   "reaches this (default: the last split step)")
+    width_pruning: Literal["none", "per_branch", "best_worst"] = bounded(
+        "none", doc="BranchGRPO's width pruning of the steps after the last split: the best of each last branch, "
+        "or the best and worst of each prompt's")
+    width_pruning_ratio: float = bounded(0.5, min=0.0, max=1.0, doc="the share of those transitions kept")
+    pruning_until: float = bounded(1.0, min=0.0, max=1.0, doc="prune in this first share of the iterations only")
 
 
 @register_method
@@ -63,6 +78,8 @@ class TreeGRPO(PolicyGradientMethod):
                 f"steps below step {last} (train.steps={train.steps})")
         require(options.window_size <= last, f"tree_grpo.window_size: {options.window_size} must be in [1, {last}] "
                 f"(the window stays below step {last} of train.steps={train.steps})")
+        require(all(1 <= d <= train.steps for d in options.depth_pruning), f"tree_grpo.depth_pruning: "
+                f"{options.depth_pruning} must be depths in [1, {train.steps}] (train.steps={train.steps})")
         require(options.clip_low <= options.clip_high, f"tree_grpo.clip_low ({options.clip_low}) must not exceed "
                 f"clip_high ({options.clip_high})")
 
@@ -94,8 +111,27 @@ class TreeGRPO(PolicyGradientMethod):
             node_reward = prob_weighted_node_rewards(rewards, below, rollout.node_depth, edge_log_probs(rollout),
                                                      o.node_temperature)
         adv = node_advantages(rewards, below, rollout.node_group, node_reward, std=o.std, eps=o.std_eps,
-                              unbiased=o.unbiased_std)
+                              unbiased=o.unbiased_std, zero_below=o.zero_std_below)
         return adv[rollout.owner]
+
+    def trained(self, rollout: Rollout, advantages: torch.Tensor, iteration: int) -> torch.Tensor | None:
+        """BranchGRPO's depth and width pruning (while ``iteration + 1 <= ⌊iterations·pruning_until⌋``)."""
+        o = self.options
+        if (not o.depth_pruning and o.width_pruning == "none") or \
+                iteration + 1 > int(self.train.iterations * o.pruning_until):
+            return None
+        last_split = max(self.sde_window(iteration)[:o.tree_depth])
+        step, kept = rollout.step.cpu(), torch.ones(rollout.num_transitions, dtype=torch.bool)
+        if o.depth_pruning:
+            depths = o.depth_pruning if not o.depth_pruning_slide else sliding_depths(
+                o.depth_pruning, iteration, o.depth_pruning_slide_interval,
+                last_split if o.depth_pruning_stop_depth is None else o.depth_pruning_stop_depth)
+            kept = depth_kept(step, depths)
+        if o.width_pruning != "none":
+            rest = kept.nonzero().flatten()  # width pruning ranks what depth pruning left, as BranchGRPO
+            kept[rest] = width_kept(step[rest], rollout.owner.cpu()[rest], rollout.row.cpu()[rest],
+                                    advantages.cpu()[rest], last_split, o.width_pruning, o.width_pruning_ratio)
+        return kept
 
     def clip_bound(self, advantages: torch.Tensor) -> float | torch.Tensor:
         o = self.options

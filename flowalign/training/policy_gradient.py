@@ -148,9 +148,12 @@ class PolicyGradientTrainer(Trainer):
             modifier.prepare(self, batch)
         stats: dict[str, list[torch.Tensor]] = {}
         old_logp = rollout.logp if o.old_logp == "rollout" else self.recompute_logp(batch)
-        kept = (batch.advantages != 0).cpu() if o.drop_zero_advantage else None
+        trained = self.method.trained(rollout, batch.advantages, batch.iteration)
+        signal = (batch.advantages != 0).cpu() if o.drop_zero_advantage else None
+        kept = _all_of(trained, signal)
+        counts = _left_out(trained, signal)
         if kept is not None and not int(self.acc.reduce(kept.sum().to(self.acc.device), "sum")):
-            return {"dropped_zero_advantage": float(rollout.num_transitions)}  # no signal anywhere: no update
+            return counts  # nothing left to train anywhere: no update
         for epoch in range(o.inner_epochs):
             order = torch.arange(rollout.num_transitions)
             if o.shuffle:
@@ -168,8 +171,7 @@ class PolicyGradientTrainer(Trainer):
                 grad_norm = self.optimizer_step()
                 if grad_norm is not None:
                     stats.setdefault("grad_norm", []).append(grad_norm)
-        dropped = {} if kept is None else {"dropped_zero_advantage": float(rollout.num_transitions - int(kept.sum()))}
-        return {**{k: torch.stack(v).float().mean().item() for k, v in stats.items()}, **dropped}
+        return {**{k: torch.stack(v).float().mean().item() for k, v in stats.items()}, **counts}
 
     def _accumulate(self, batch: IterationBatch, chunk: torch.Tensor, old_logp: torch.Tensor,
                     stats: dict[str, list[torch.Tensor]]) -> None:
@@ -259,3 +261,17 @@ def _trajectory_keys(roots, select: list[int], shared: bool) -> dict[int, int]:
         for child in root.children:
             keys[id(child)] = next(kids)
     return keys
+
+
+def _all_of(*masks: torch.Tensor | None) -> torch.Tensor | None:
+    """The transitions every given mask keeps (None: no mask given)."""
+    given = [m for m in masks if m is not None]
+    return None if not given else torch.stack(given).all(0)
+
+
+def _left_out(trained: torch.Tensor | None, signal: torch.Tensor | None) -> dict[str, float]:
+    """The logged counts: transitions the method prunes, and (of the rest) those dropped for a zero advantage."""
+    counts = {} if trained is None else {"pruned_transitions": float((~trained).sum())}
+    if signal is not None:
+        counts["dropped_zero_advantage"] = float((~signal & (trained if trained is not None else True)).sum())
+    return counts

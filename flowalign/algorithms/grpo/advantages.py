@@ -11,8 +11,9 @@ import torch
 
 
 def group_advantages(rewards: torch.Tensor, groups: torch.Tensor, std: Literal["global", "group"] = "global",
-                     eps: float = 1e-4, unbiased: bool = False) -> torch.Tensor:
-    """Per-sample advantages from rewards ``[N]`` and group ids ``[N]`` (vectorised, no host sync)."""
+                     eps: float = 1e-4, unbiased: bool = False, zero_below: float = 0.0) -> torch.Tensor:
+    """Per-sample advantages from rewards ``[N]`` and group ids ``[N]`` (vectorised, no host sync); a sample
+    whose std (its group's, or the batch's) is below ``zero_below`` gets 0 (BranchGRPO: 1e-6, all rewards equal)."""
     rewards = rewards.float()
     _, inverse = torch.unique(groups, return_inverse=True)
     count = torch.zeros(int(inverse.max()) + 1 if inverse.numel() else 0, device=rewards.device)
@@ -21,10 +22,11 @@ def group_advantages(rewards: torch.Tensor, groups: torch.Tensor, std: Literal["
     centred = rewards - mean[inverse]
     if std == "global":
         scale = rewards.std(unbiased=unbiased) if rewards.numel() > 1 else rewards.new_tensor(0.0)
-        return centred / (scale + eps)
-    sq = torch.zeros_like(count).index_add(0, inverse, centred ** 2)
-    denom = (count - 1).clamp_min(1) if unbiased else count
-    return centred / ((sq / denom).sqrt()[inverse] + eps)
+    else:
+        sq = torch.zeros_like(count).index_add(0, inverse, centred ** 2)
+        denom = (count - 1).clamp_min(1) if unbiased else count
+        scale = (sq / denom).sqrt()[inverse]
+    return torch.where(scale < zero_below, torch.zeros_like(centred), centred / (scale + eps))
 
 
 def trimmed_group_advantages(rewards: torch.Tensor, groups: torch.Tensor, ratio: float, eps: float = 1e-8,
