@@ -66,6 +66,11 @@ CASES = {
                                                           "train.train_batch=64"]),
     "ac_flow": ("configs/toy/digits_ac_flow.yaml", ["ac_flow.group_size=4", "ac_flow.critic_warmup=0",
                                                     "train.updates_per_iteration=1", "train.train_batch=64"]),
+    # DiffusionNFT: group z-scores over every process's rewards, the old policy (sampling and v_old) alike on all
+    "diffusion_nft": ("configs/toy/digits_diffusion_nft.yaml", ["diffusion_nft.group_size=4",
+                                                                "diffusion_nft.fm_draws=3",
+                                                                "train.updates_per_iteration=1",
+                                                                "train.train_batch=64"]),
     # DRAGON: pairs by prompt (whole prompts), two updates over a split of the pairs both processes draw alike
     # (2 prompts: each part holds one pair, so one process joins each update with a zero-weighted stand-in); KTO's
     # median and reference point over every process's samples (beta 50: 500 magnifies fp32 rounding)

@@ -55,6 +55,7 @@ class ACFlow(FlowMatchingMethod):
 
     @classmethod
     def check(cls, options, train, modifiers) -> None:
+        super().check(options, train, modifiers)
         require(train.lora_rank > 0 or options.w2_weight == 0, f"{cls.name}.w2_weight bounds the distance to the "
                 "LoRA-off base: it needs train.lora_rank > 0 (or w2_weight 0)")
 

@@ -48,6 +48,7 @@ class Dragon(FlowMatchingMethod):
 
     @classmethod
     def check(cls, options, train, modifiers) -> None:
+        super().check(options, train, modifiers)
         require(train.lora_rank > 0, "method dragon compares with the LoRA-off base: it needs train.lora_rank > 0")
         require(options.sets == "unpaired" or options.loss == "dpo",
                 f"dragon.sets={options.sets} builds pairs: use dragon.loss=dpo")

@@ -3,18 +3,23 @@ objective at fresh noise levels. No SDE log-probs: any solver samples, and CFG-f
 The trainer (``flowalign.training.flow_matching``) samples and scores; the method's ``update`` trains."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Literal
 
 from ..typed import bounded
-from .base import Method
+from .base import Method, require
 
 
 @dataclass
 class FlowMatchingOptions:
     group_size: int = bounded(4, min=1, doc="ODE samples per prompt")
     fm_draws: int = bounded(4, min=1, doc="noise levels drawn per sample for the flow-matching loss")
-    fm_sigma: Literal["uniform", "logit_normal"] = bounded("uniform", doc="how those noise levels are drawn")
+    fm_sigma: Literal["uniform", "logit_normal", "grid"] = bounded(
+        "uniform", doc="how those noise levels are drawn: uniform in (0, 1), logit-normal, or distinct levels of "
+        "the sampling grid (sigmas[0..steps-1]) per sample")
+    solver: Literal["euler", "dpm_solver"] = bounded("euler", doc="the ODE solver the samples come from "
+                                                     "(dpm_solver: DPM-Solver++ 2M)")
 
 
 class FlowMatchingMethod(Method):
@@ -22,10 +27,20 @@ class FlowMatchingMethod(Method):
 
     family = "flow_matching"
 
+    @classmethod
+    def check(cls, options, train, modifiers) -> None:
+        require(options.fm_sigma != "grid" or options.fm_draws <= train.steps, f"{cls.name}.fm_draws: "
+                f"{options.fm_draws} distinct levels of the sampling grid need train.steps >= {options.fm_draws} "
+                f"(train.steps={train.steps})")
+
     @property
     def scores_pointwise(self) -> bool:
         """Whether the trainer scores each sample before ``update`` (False: the method scores sets itself)."""
         return True
+
+    def sampling_weights(self, trainer) -> contextlib.AbstractContextManager:
+        """The weights the samples come from (a lagged copy for DiffusionNFT); the policy's by default."""
+        return contextlib.nullcontext()
 
     def update(self, trainer, batch) -> dict[str, float]:
         """Train on ``batch`` (samples, rewards); returns statistics to log."""

@@ -2,11 +2,12 @@
 then the method's flow-matching objective at fresh noise levels. No SDE log-probs are needed."""
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
 
-from ..samplers.ode import euler_ode
+from ..samplers.ode import dpm_solver_pp, euler_ode
 from ..seeds import derive_seed
 from .batch import IterationBatch
 from .lora import adapters_disabled
@@ -26,15 +27,15 @@ class FlowMatchingTrainer(Trainer):
         select = torch.tensor(self.local_samples(group))
         sigmas = gen.sigmas(t.steps)
         scorer = self.overlapped_scoring(prompts, meta, iteration)
-        latents = []
-        with torch.no_grad():
+        latents, solve = [], dpm_solver_pp if self.method.options.solver == "dpm_solver" else euler_ode
+        with torch.no_grad(), self.method.sampling_weights(self):
             for part in self.sampling_parts(sorted(set((select // group).tolist()))):
                 chosen = select[torch.isin(select // group, torch.tensor(part))]
                 done = len(latents)
                 for chunk in chosen.split(t.rollout_batch):
                     c = cond.select(chunk // group)
-                    latents.append(euler_ode(lambda x, s: gen.velocity(x, s, c, t.guidance),
-                                             self.initial_states(iteration, chunk.tolist(), sigmas[0]), sigmas))
+                    latents.append(solve(lambda x, s: gen.velocity(x, s, c, t.guidance),
+                                         self.initial_states(iteration, chunk.tolist(), sigmas[0]), sigmas))
                 if scorer is not None:
                     rows = (chosen // group).to(gen.device)
                     scorer.submit(torch.cat(latents[done:]).float(), rows, rows)
@@ -54,11 +55,12 @@ class FlowMatchingTrainer(Trainer):
         x0 = batch.leaves if sample_index is None else batch.leaves[sample_index]
         ids = batch.leaf_ids if sample_index is None else batch.leaf_ids[sample_index]
         n, sigmas, noises = x0.shape[0], [], []
+        kind, grid = self.method.options.fm_sigma, self.gen.sigmas(self.t.steps)[:-1].float().cpu()
         for sample in ids.tolist():  # a few samples per process: one small generator each
             g = torch.Generator().manual_seed(derive_seed(self.t.seed, batch.iteration, 7, salt, sample))
-            logit_normal = self.method.options.fm_sigma == "logit_normal"
-            sigmas.append(torch.sigmoid(torch.randn(draws, generator=g)) if logit_normal
-                          else torch.rand(draws, generator=g))
+            sigmas.append(torch.sigmoid(torch.randn(draws, generator=g)) if kind == "logit_normal" else
+                          grid[torch.randperm(len(grid), generator=g)[:draws]] if kind == "grid" else
+                          torch.rand(draws, generator=g))
             noises.append(torch.randn((draws, *x0.shape[1:]), generator=g))
         sigma = torch.stack(sigmas, dim=1).flatten().to(x0.device)          # [draws * n], draw-major
         eps = torch.stack(noises, dim=1).flatten(0, 1).to(x0.device)
@@ -74,6 +76,18 @@ class FlowMatchingTrainer(Trainer):
             return self.gen.velocity(x, sigma, cond, guidance=guidance)
         with torch.no_grad(), adapters_disabled(self.gen.trainable_module, self.lora):
             return self.gen.velocity(x, sigma, cond, guidance=guidance)
+
+    def point_velocities(self, batch: IterationBatch, points: dict[str, torch.Tensor],
+                         weights: contextlib.AbstractContextManager | None = None,
+                         reference: bool = False) -> torch.Tensor:
+        """Every point's velocity without a graph, ``train_batch`` at a time, under ``weights`` (a swapped-in
+        copy) or with the LoRA off (``reference``): the fixed targets of a forward-process loss."""
+        out = []
+        with torch.no_grad(), weights if weights is not None else contextlib.nullcontext():
+            for idx in torch.arange(len(points["sigma"]), device=points["sigma"].device).split(self.t.train_batch):
+                cond = batch.cond.select(batch.leaf_row[points["owner"][idx]])
+                out.append(self.policy_velocity(points["x"][idx], points["sigma"][idx], cond, reference).float())
+        return torch.cat(out)
 
     def run_iteration(self, iteration: int) -> tuple[dict[str, float], IterationBatch]:
         start = time.perf_counter()
