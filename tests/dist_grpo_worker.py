@@ -71,6 +71,8 @@ CASES = {
                                                                 "diffusion_nft.fm_draws=3",
                                                                 "train.updates_per_iteration=1",
                                                                 "train.train_batch=64"]),
+    "awm": ("configs/toy/digits_awm.yaml", ["awm.group_size=4", "awm.fm_draws=2", "train.updates_per_iteration=1",
+                                            "train.train_batch=64"]),
     # DRAGON: pairs by prompt (whole prompts), two updates over a split of the pairs both processes draw alike
     # (2 prompts: each part holds one pair, so one process joins each update with a zero-weighted stand-in); KTO's
     # median and reference point over every process's samples (beta 50: 500 magnifies fp32 rounding)

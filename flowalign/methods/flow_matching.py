@@ -7,6 +7,8 @@ import contextlib
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
+
 from ..typed import bounded
 from .base import Method, require
 
@@ -37,6 +39,16 @@ class FlowMatchingMethod(Method):
     def scores_pointwise(self) -> bool:
         """Whether the trainer scores each sample before ``update`` (False: the method scores sets itself)."""
         return True
+
+    def noise_levels(self, grid: torch.Tensor, draws: int, generator: torch.Generator) -> torch.Tensor:
+        """One sample's ``draws`` noise levels for its flow points (``grid``: the sampling grid without its final
+        0), as ``fm_sigma`` says."""
+        kind = self.options.fm_sigma
+        if kind == "logit_normal":
+            return torch.sigmoid(torch.randn(draws, generator=generator))
+        if kind == "grid":
+            return grid[torch.randperm(len(grid), generator=generator)[:draws]]
+        return torch.rand(draws, generator=generator)
 
     def sampling_weights(self, trainer) -> contextlib.AbstractContextManager:
         """The weights the samples come from (a lagged copy for DiffusionNFT); the policy's by default."""

@@ -55,12 +55,10 @@ class FlowMatchingTrainer(Trainer):
         x0 = batch.leaves if sample_index is None else batch.leaves[sample_index]
         ids = batch.leaf_ids if sample_index is None else batch.leaf_ids[sample_index]
         n, sigmas, noises = x0.shape[0], [], []
-        kind, grid = self.method.options.fm_sigma, self.gen.sigmas(self.t.steps)[:-1].float().cpu()
+        grid = self.gen.sigmas(self.t.steps)[:-1].float().cpu()
         for sample in ids.tolist():  # a few samples per process: one small generator each
             g = torch.Generator().manual_seed(derive_seed(self.t.seed, batch.iteration, 7, salt, sample))
-            sigmas.append(torch.sigmoid(torch.randn(draws, generator=g)) if kind == "logit_normal" else
-                          grid[torch.randperm(len(grid), generator=g)[:draws]] if kind == "grid" else
-                          torch.rand(draws, generator=g))
+            sigmas.append(self.method.noise_levels(grid, draws, g))
             noises.append(torch.randn((draws, *x0.shape[1:]), generator=g))
         sigma = torch.stack(sigmas, dim=1).flatten().to(x0.device)          # [draws * n], draw-major
         eps = torch.stack(noises, dim=1).flatten(0, 1).to(x0.device)
