@@ -31,7 +31,7 @@ def check_run(cfg: RunConfig, where: str = "config") -> None:
                 raise ConfigError(f"modifiers.{name} ({modifier.title}) with method {cfg.method} needs "
                                   f"modifiers.{needed} too")
             modifier.check(options, cfg.method, cfg.options, t, cfg.modifiers)
-        if not t.cfg and t.guidance != 1.0:
+        if not t.cfg and t.guidance != 1.0 and not method.guided_rollouts:
             raise ConfigError("train.cfg=false trains the conditional velocity: it needs train.guidance=1")
         if cfg.reward.aggregate == "advantage" and method.family != "policy_gradient":
             raise ConfigError(f"reward.aggregate=advantage normalises each reward within its groups' advantages: "

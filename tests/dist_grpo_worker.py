@@ -73,6 +73,10 @@ CASES = {
                                                                 "train.train_batch=64"]),
     "awm": ("configs/toy/digits_awm.yaml", ["awm.group_size=4", "awm.fm_draws=2", "train.updates_per_iteration=1",
                                             "train.train_batch=64"]),
+    # DGPO: whole groups per process (a group's weight sums over its members), noise keyed by group and draw
+    "dgpo": ("configs/toy/digits_dgpo.yaml", ["dgpo.group_size=4", "dgpo.fm_draws=2", "dgpo.trunc_steps=3",
+                                              "dgpo.switch_ema_ref=0", "train.updates_per_iteration=1",
+                                              "train.train_batch=64"]),
     # DRAGON: pairs by prompt (whole prompts), two updates over a split of the pairs both processes draw alike
     # (2 prompts: each part holds one pair, so one process joins each update with a zero-weighted stand-in); KTO's
     # median and reference point over every process's samples (beta 50: 500 magnifies fp32 rounding)

@@ -26,6 +26,9 @@ class Method:
     #: why a prompt's samples must run on one process (placed whole, prompt p on process p % world; None: they
     #: may be spread one by one)
     whole_prompts: ClassVar[str | None] = None
+    #: whether it may train the conditional velocity (``train.cfg: false``) on samples drawn with CFG: true where
+    #: the loss compares samples with each other rather than fitting them (DGPO)
+    guided_rollouts: ClassVar[bool] = False
 
     def __init__(self, options: Any, train: "TrainConfig", modifiers: dict[str, "Modifier"] | None = None):
         self.options, self.train = options, train

@@ -1,0 +1,103 @@
+"""DGPO: the group weights against the paper's objective, the DSM clip, the group-shared points, zero gradient
+where it must be, the CFG rule and exact resumption (the code: ``scripts/train_sd3_dgpo.py``)."""
+import math
+
+import pytest
+import torch
+
+from flowalign.config import ConfigError, load_config
+from flowalign.methods.dgpo import dsm_clipped, group_weights
+from flowalign.training import make_trainer
+from flowalign.training.lora import trainable_state
+
+CONFIG = "configs/toy/digits_dgpo.yaml"
+
+
+def small(tmp_path, *overrides: str):
+    """2 prompts x 4 samples, 6 steps, 2 levels from the first 4 of the grid."""
+    return make_trainer(load_config(CONFIG, [
+        "train.prompts_per_iteration=2", "dgpo.group_size=4", "train.steps=6", "dgpo.fm_draws=2",
+        "dgpo.trunc_steps=3", "train.eval_prompts=0", "train.checkpoint_every=0", f"output_dir={tmp_path}",
+        *overrides]))
+
+
+def test_group_weights_by_hand_and_against_the_group_dpo_objective():
+    """One group of G = 4, A = [1.5, 0.5, -0.5, -1.5], ℓ - ℓ_ref = [-0.04, 0, 0, 0], β = 100:
+    s = 1.5·100·(-0.04)/4 = -1.5, every member's weight σ(-1.5) = 0.18242552. A second group (key 1), A = [1, -1]
+    with ℓ - ℓ_ref = 0.3 for both, has s = 0, weight 0.5. The gradient of Σ w·A·ℓ in ℓ equals G/β times that of
+    the paper's -log σ(M/G), M = R(G⁺) - R(G⁻) with R(G) = Σ |A|·β·(-(ℓ - ℓ_ref)), i.e. M = -Σ A·β·(ℓ - ℓ_ref)."""
+    adv = torch.tensor([1.5, 0.5, -0.5, -1.5, 1.0, -1.0])
+    loss_ref = torch.zeros(6)
+    loss = torch.tensor([-0.04, 0.0, 0.0, 0.0, 0.3, 0.3], requires_grad=True)
+    key = torch.tensor([0, 0, 0, 0, 1, 1])
+    w = group_weights(adv, loss, loss_ref, key, 100.0, 4)
+    assert torch.allclose(w, torch.tensor([0.18242552] * 4 + [0.5] * 2))
+    first = slice(0, 4)
+    margin = -(adv[first] * 100.0 * (loss[first] - loss_ref[first])).sum()
+    dpo_grad = torch.autograd.grad(-torch.nn.functional.logsigmoid(margin / 4), loss)[0]
+    ours = torch.autograd.grad((w[first] * adv[first] * loss[first]).sum(), loss)[0]
+    assert torch.allclose(ours[first], dpo_grad[first] * 4 / 100.0, atol=1e-6)
+
+
+def test_dsm_clip_by_hand():
+    """ρ = exp(ℓ_old - ℓ): 1.02 with A > 0 is past 1 + 0.01 (clipped); 1.02 with A < 0 is not; 0.98 with A < 0
+    is below 1 - 0.01 (clipped); 1.005 with A > 0 is inside."""
+    loss = torch.zeros(4)
+    old = torch.tensor([math.log(1.02), math.log(1.02), math.log(0.98), math.log(1.005)])
+    clipped = dsm_clipped(loss, old, torch.tensor([1.0, -1.0, -1.0, 1.0]), 0.01)
+    assert clipped.tolist() == [True, False, True, False]
+
+
+def test_a_group_shares_its_points(tmp_path):
+    """Draw m of every sample sits at one grid level among the first trunc_steps + 1; the members of a group share
+    the noise of each draw, different groups do not."""
+    tr = small(tmp_path)
+    batch = tr.sample(0)
+    points = tr.method.group_points(tr, batch)
+    n = batch.leaves.shape[0]
+    grid = tr.gen.sigmas(6)[:4]
+    eps = points["target"] + batch.leaves[points["owner"]]
+    for m in range(2):
+        draw = slice(m * n, (m + 1) * n)
+        assert len(set(points["sigma"][draw].tolist())) == 1 and bool(torch.isin(points["sigma"][draw], grid).all())
+        groups = batch.leaf_ids // 4
+        for g in groups.unique():
+            members = eps[draw][groups == g]
+            assert torch.allclose(members, members[:1].expand_as(members), atol=1e-6)
+    assert not torch.allclose(eps[:n][batch.leaf_ids // 4 == 0][0], eps[:n][batch.leaf_ids // 4 == 1][0])
+    assert points["sigma"][0] != points["sigma"][n]
+
+
+def test_flat_rewards_at_the_start_give_no_gradient(tmp_path):
+    tr = small(tmp_path)
+    tr.reward.parts["toy/bold_digit"]._score = lambda media, prompts, metadata: torch.full((len(prompts),), 0.5)
+    grads, step = [], tr.optimizer_step
+
+    def record():
+        grads.append(max(float(p.grad.abs().max()) for p in tr.params if p.grad is not None))
+        return step()
+    tr.optimizer_step = record
+    tr.run_iteration(0)
+    assert grads == [0.0]
+
+
+def test_guided_rollouts_with_an_unguided_loss_are_allowed_for_dgpo_only(tmp_path):
+    load_config(CONFIG, [f"output_dir={tmp_path}"])  # train.guidance 3 with train.cfg false
+    with pytest.raises(ConfigError, match="train.cfg=false trains the conditional velocity"):
+        load_config("configs/toy/digits_awm.yaml", ["train.guidance=3.0", f"output_dir={tmp_path}"])
+
+
+def test_resume_is_bitwise_with_the_ema(tmp_path):
+    def run(name, *plan):
+        for iterations, resume in plan:
+            tr = small(tmp_path / name, f"train.iterations={iterations}", "dgpo.switch_ema_ref=1")
+            tr.fit(resume=resume, progress=False)
+            tr.save_checkpoint()
+            tr.acc.end_training()
+        return tr
+
+    straight = run("straight", (4, None))
+    split = run("split", (2, None), (4, "latest"))
+    a, b = (trainable_state(t.gen.trainable_module, True) for t in (straight, split))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(x, y) for x, y in zip(straight.method.ema.tensors, split.method.ema.tensors))
