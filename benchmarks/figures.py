@@ -54,15 +54,19 @@ def grpo_overhead() -> str:
 
 def grpo_gains() -> str:
     data = _load("grpo.json")
-    rows = ["| method | before | after | judge after | rollout NFE | gain per 1k NFE | s / iteration |",
-            "|---|---|---|---|---|---|---|"]
+    rows = ["| method | before | after | judge after | rollout NFE | gain per 1k NFE | × Flow-GRPO per NFE | "
+            "gain per minute | × Flow-GRPO per second | s / iteration |", "|---|---|---|---|---|---|---|---|---|---|"]
+    base = data["variants"]["Flow-GRPO"]
+    per_minute = {name: (g["after"] - g["before"]) / g["seconds"] * 60 for name, g in data["variants"].items()}
     for name, g in data["variants"].items():
         rows.append(f"| {name} | {g['before']:.4f} | {g['after']:.4f} | {g['judge_after']:.3f} | {g['nfe']:.0f} | "
-                    f"{g['gain_per_1k_nfe']:.5f} | {g['seconds_per_iteration']:.2f} |")
+                    f"{g['gain_per_1k_nfe']:.5f} | {g['gain_per_1k_nfe'] / base['gain_per_1k_nfe']:.2f}× | "
+                    f"{per_minute[name]:.3f} | {per_minute[name] / per_minute['Flow-GRPO']:.2f}× | "
+                    f"{g['seconds_per_iteration']:.2f} |")
     a = data["args"]
     note = (f"{a['iterations']} iterations each, judged on {a['eval_prompts']} held-out prompts and seeds by the "
             "bold-digit reward and by `toy/judge_digit` (the share of samples a second digit judge reads as the "
-            "prompted digit).")
+            "prompted digit). Gain per minute: of sampling, scoring and training time on this machine.")
     return "\n".join(rows) + "\n\n" + note + " " + _source(data, "python -m benchmarks.grpo") + "\n"
 
 

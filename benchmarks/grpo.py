@@ -40,7 +40,11 @@ VARIANTS = {"Flow-GRPO": ("configs/toy/digits_flow_grpo.yaml", []),
             "AC-Flow": ("configs/toy/digits_ac_flow.yaml", []),
             "ORW-CFM-W2": ("configs/toy/digits_orw_cfm_w2.yaml", []),
             "DRAGON (DPO)": ("configs/toy/digits_dragon.yaml",
-                             ["dragon.group_size=2", "train.prompts_per_iteration=16"])}
+                             ["dragon.group_size=2", "train.prompts_per_iteration=16"]),
+            # int(0.99 * 8 steps) = 7 grid levels per sample, as the code's int(0.99 * 10) = 9 of 10
+            "DiffusionNFT": ("configs/toy/digits_diffusion_nft.yaml", ["diffusion_nft.fm_draws=7"]),
+            "AWM": ("configs/toy/digits_awm.yaml", []),
+            "DGPO": ("configs/toy/digits_dgpo.yaml", [])}
 
 
 def make(config: str, extra: list[str], args, out: str) -> Trainer:

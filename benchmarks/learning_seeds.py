@@ -60,6 +60,10 @@ RECIPES = {
     # AC-Flow's critic trains alone for 3 iterations: 16 in all (at 10 the gain varied as much as its size)
     "ac_flow": Recipe("configs/toy/digits_ac_flow.yaml", ["train.iterations=16", *EVAL], 0.1),
     "dragon": Recipe("configs/toy/digits_dragon.yaml", FM, 0.1),
+    # the methods that train on the forward process without SDE log-probs; NFT and AWM sample without CFG
+    "diffusion_nft": Recipe("configs/toy/digits_diffusion_nft.yaml", FM, 0.1),
+    "awm": Recipe("configs/toy/digits_awm.yaml", FM, 0.1),
+    "dgpo": Recipe("configs/toy/digits_dgpo.yaml", FM, 0.1),
     # a reward on frames only: the clips must keep moving the prompted way (no freezing hack)
     "video_flow_grpo": Recipe("configs/toy/video_flow_grpo.yaml", VIDEO, 0.05, judge="toy/motion_match",
                               judge_floor=0.95),

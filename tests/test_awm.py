@@ -3,11 +3,11 @@
 import math
 
 import torch
+from forward_helpers import assert_resume_is_bitwise, largest_gradients_with_flat_rewards
 
 from flowalign.config import load_config
 from flowalign.methods.awm import AWMOptions, clipped_policy, log_likelihood, stratified_indices, velocity_distance
 from flowalign.training import make_trainer
-from flowalign.training.lora import trainable_state
 
 CONFIG = "configs/toy/digits_awm.yaml"
 
@@ -61,15 +61,7 @@ def test_clipped_ratio_and_distances_by_hand():
 def test_flat_rewards_at_the_start_give_no_gradient(tmp_path):
     """Equal rewards: every advantage is 0; on the first iteration the policy is the base and its EMA (the LoRA's
     B is 0), so the two distances have no gradient either: the update's gradient is exactly zero."""
-    tr = small(tmp_path)
-    tr.reward.parts["toy/bold_digit"]._score = lambda media, prompts, metadata: torch.full((len(prompts),), 0.5)
-    grads, step = [], tr.optimizer_step
-
-    def record():
-        grads.append(max(float(p.grad.abs().max()) for p in tr.params if p.grad is not None))
-        return step()
-    tr.optimizer_step = record
-    metrics, _ = tr.run_iteration(0)
+    grads, metrics = largest_gradients_with_flat_rewards(small(tmp_path))
     assert grads == [0.0] and metrics["advantage/abs_mean"] == 0.0 and metrics["ema_decay"] == 0.001
 
 
@@ -84,16 +76,4 @@ def test_two_updates_use_the_pre_update_likelihoods(tmp_path):
 
 
 def test_resume_is_bitwise_with_the_ema(tmp_path):
-    def run(name, *plan):
-        for iterations, resume in plan:
-            tr = small(tmp_path / name, f"train.iterations={iterations}")
-            tr.fit(resume=resume, progress=False)
-            tr.save_checkpoint()
-            tr.acc.end_training()
-        return tr
-
-    straight = run("straight", (4, None))
-    split = run("split", (2, None), (4, "latest"))
-    a, b = (trainable_state(t.gen.trainable_module, True) for t in (straight, split))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert all(torch.equal(x, y) for x, y in zip(straight.method.ema.tensors, split.method.ema.tensors))
+    assert_resume_is_bitwise(lambda folder, *o: small(folder, *o), tmp_path, "ema")

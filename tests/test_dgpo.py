@@ -4,11 +4,11 @@ import math
 
 import pytest
 import torch
+from forward_helpers import assert_resume_is_bitwise, largest_gradients_with_flat_rewards
 
 from flowalign.config import ConfigError, load_config
 from flowalign.methods.dgpo import dsm_clipped, group_weights
 from flowalign.training import make_trainer
-from flowalign.training.lora import trainable_state
 
 CONFIG = "configs/toy/digits_dgpo.yaml"
 
@@ -69,15 +69,7 @@ def test_a_group_shares_its_points(tmp_path):
 
 
 def test_flat_rewards_at_the_start_give_no_gradient(tmp_path):
-    tr = small(tmp_path)
-    tr.reward.parts["toy/bold_digit"]._score = lambda media, prompts, metadata: torch.full((len(prompts),), 0.5)
-    grads, step = [], tr.optimizer_step
-
-    def record():
-        grads.append(max(float(p.grad.abs().max()) for p in tr.params if p.grad is not None))
-        return step()
-    tr.optimizer_step = record
-    tr.run_iteration(0)
+    grads, _ = largest_gradients_with_flat_rewards(small(tmp_path))
     assert grads == [0.0]
 
 
@@ -88,16 +80,4 @@ def test_guided_rollouts_with_an_unguided_loss_are_allowed_for_dgpo_only(tmp_pat
 
 
 def test_resume_is_bitwise_with_the_ema(tmp_path):
-    def run(name, *plan):
-        for iterations, resume in plan:
-            tr = small(tmp_path / name, f"train.iterations={iterations}", "dgpo.switch_ema_ref=1")
-            tr.fit(resume=resume, progress=False)
-            tr.save_checkpoint()
-            tr.acc.end_training()
-        return tr
-
-    straight = run("straight", (4, None))
-    split = run("split", (2, None), (4, "latest"))
-    a, b = (trainable_state(t.gen.trainable_module, True) for t in (straight, split))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert all(torch.equal(x, y) for x, y in zip(straight.method.ema.tensors, split.method.ema.tensors))
+    assert_resume_is_bitwise(lambda folder, *o: small(folder, *o, "dgpo.switch_ema_ref=1"), tmp_path, "ema")

@@ -1,11 +1,11 @@
 """DiffusionNFT: the optimality map, the loss and its gradient against hand computations from the paper's code
 (``scripts/train_nft_sd3.py``), zero gradient where it must be, the old policy's decay, and exact resumption."""
 import torch
+from forward_helpers import assert_resume_is_bitwise, largest_gradients_with_flat_rewards
 
 from flowalign.config import load_config
 from flowalign.methods.diffusion_nft import nft_loss, optimality
 from flowalign.training import make_trainer
-from flowalign.training.lora import trainable_state
 from flowalign.training.shadow import ShadowWeights, ramp_decay
 
 CONFIG = "configs/toy/digits_diffusion_nft.yaml"
@@ -80,16 +80,7 @@ def test_flat_rewards_give_no_policy_gradient_and_the_old_policy_samples(tmp_pat
     """Equal rewards in every group: every r is 0.5 and, on the first iteration, the policy is the old policy,
     so with kl_weight 0 the gradient is exactly zero. On the next iteration the samples come from the old weights
     (d = min(0.001·1, 0.5) of the old copy, 1 - d of the policy), not from the policy."""
-    tr = small(tmp_path, "diffusion_nft.kl_weight=0")
-    part = tr.reward.parts["toy/bold_digit"]
-    part._score = lambda media, prompts, metadata: torch.full((len(prompts),), 0.5)
-    grads, step = [], tr.optimizer_step
-
-    def record():
-        grads.append(max(float(p.grad.abs().max()) for p in tr.params if p.grad is not None))
-        return step()
-    tr.optimizer_step = record
-    metrics, _ = tr.run_iteration(0)
+    grads, metrics = largest_gradients_with_flat_rewards(small(tmp_path, "diffusion_nft.kl_weight=0"))
     assert grads == [0.0] and metrics["optimality/mean"] == 0.5 and metrics["old_decay"] == 0.001
     real = small(tmp_path / "real")
     initial = [p.detach().clone() for p in real.params]
@@ -112,16 +103,4 @@ def test_flat_rewards_give_no_policy_gradient_and_the_old_policy_samples(tmp_pat
 
 
 def test_resume_is_bitwise_with_the_old_policy(tmp_path):
-    def run(name, *plan):
-        for iterations, resume in plan:
-            tr = small(tmp_path / name, f"train.iterations={iterations}")
-            tr.fit(resume=resume, progress=False)
-            tr.save_checkpoint()
-            tr.acc.end_training()
-        return tr
-
-    straight = run("straight", (4, None))
-    split = run("split", (2, None), (4, "latest"))
-    a, b = (trainable_state(t.gen.trainable_module, True) for t in (straight, split))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert all(torch.equal(x, y) for x, y in zip(straight.method.old.tensors, split.method.old.tensors))
+    assert_resume_is_bitwise(lambda folder, *o: small(folder, *o), tmp_path, "old")

@@ -309,3 +309,30 @@ def test_flux_fastvideo_time_grid_is_the_papers(dirs):
     assert not torch.allclose(load(dirs, "flux").sigmas(4).cpu(), gen.sigmas(4).cpu())
     with pytest.raises(FlowalignError, match="time_grid must be 'pipeline' or 'fastvideo'"):
         load(dirs, "flux", time_grid="linear")
+
+
+@pytest.mark.parametrize("method", ["diffusion_nft", "awm", "dgpo"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_forward_process_methods_train_every_family_in_bf16(dirs, family, method, tmp_path):
+    """DiffusionNFT, AWM and DGPO: one bf16 iteration on each tiny pipeline, finite losses, the LoRA moved. DGPO
+    trains the high-noise end of the grid only: on Wan 2.2 it trains the high-noise expert (the default)."""
+    from flowalign.training.lora import trainable_state
+
+    prompt_file = tmp_path / "prompts.txt"
+    prompt_file.write_text("\n".join(PROMPTS + ["a dog on the grass"]) + "\n")
+    options = {**FAMILIES[family][2], **(EXTRA.get(family, {}) if method != "dgpo" else {})}
+    steps = STEPS.get(family, 4)
+    cfg = load_config(f"configs/toy/digits_{method}.yaml", [
+        f"model.name={dirs[family]}", "model.local_files_only=true", f"model.options={options}", "model.dtype=bfloat16",
+        f"reward.weights={{{REWARDS[family]}: 1.0}}", f"train.prompt_file={prompt_file}", "train.iterations=1",
+        "train.prompts_per_iteration=2", f"{method}.group_size=2", f"train.steps={steps}", f"{method}.fm_draws=2",
+        "train.guidance=1.0", "train.eval_prompts=0", "train.rollout_batch=4", "train.train_batch=8",
+        "train.lr=1e-2", "train.lora_rank=4", "train.lora_alpha=8", "train.checkpoint_every=0",
+        *(["dgpo.trunc_steps=2"] if method == "dgpo" else []), f"output_dir={tmp_path / 'run'}"])
+    trainer = build_trainer(cfg)
+    before = {k: v.clone() for k, v in trainable_state(trainer.gen.trainable_module, True).items()}
+    history = trainer.fit(progress=False)
+    assert all(torch.isfinite(torch.tensor(v)) for v in history[0].values())
+    after = trainable_state(trainer.gen.trainable_module, True)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    trainer.acc.end_training()

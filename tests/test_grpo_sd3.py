@@ -105,3 +105,27 @@ def test_loaded_lora_is_the_trained_policy(trained, pipes):
         base = gen.predict(x, sigma, cond.positive)
     assert not torch.allclose(ours, base)
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["diffusion_nft", "awm", "dgpo"])
+def test_forward_process_methods_train_sd3(tiny_dir, method, tmp_path):
+    """DiffusionNFT, AWM and DGPO on the tiny SD3 with their SD3.5 configs' settings (shrunk): an iteration each,
+    finite, the LoRA moved; DGPO samples with CFG and trains without it."""
+    from flowalign.training.lora import trainable_state
+
+    prompt_file = tmp_path / "prompts.txt"
+    prompt_file.write_text("\n".join(PROMPTS) + "\n")
+    cfg = load_config(f"configs/sd35/{method}_pickscore.yaml", [
+        f"model.name={tiny_dir}", "model.local_files_only=true", "model.dtype=float32", "reward.weights={toy/ink: 1.0}",
+        f"train.prompt_file={prompt_file}", "train.iterations=1", "train.prompts_per_iteration=2",
+        f"{method}.group_size=2", "train.steps=4", f"{method}.fm_draws=2", "train.eval_prompts=0",
+        "train.rollout_batch=4", "train.train_batch=8", "train.mixed_precision=no", "train.gradient_checkpointing=false",
+        f"train.lora_rank={RANK}", f"train.lora_alpha={ALPHA}", "train.checkpoint_every=0", "train.lr=1e-2",
+        *(["dgpo.trunc_steps=2"] if method == "dgpo" else []), f"output_dir={tmp_path / 'run'}"])
+    trainer = make_trainer(cfg)
+    before = {k: v.clone() for k, v in trainable_state(trainer.gen.trainable_module, True).items()}
+    history = trainer.fit(progress=False)
+    assert all(torch.isfinite(torch.tensor(v)) for v in history[0].values())
+    after = trainable_state(trainer.gen.trainable_module, True)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    trainer.acc.end_training()

@@ -22,13 +22,11 @@ from typing import Literal
 
 import torch
 
-from ..algorithms.grpo.advantages import group_advantages
-from ..seeds import derive_seed
 from ..training.shadow import ShadowWeights, ramp_decay
 from ..typed import bounded
 from . import register_method
 from .base import require
-from .flow_matching import FlowMatchingMethod, FlowMatchingOptions
+from .flow_matching import FlowMatchingMethod, FlowMatchingOptions, group_scores, require_lora_for
 
 
 @dataclass
@@ -67,8 +65,7 @@ class AWM(FlowMatchingMethod):
         require(options.fm_sigma != "strata" or last - 1 >= options.fm_draws, f"awm.fm_draws: {options.fm_draws} "
                 f"strata need grid indices [1, {last}) to hold as many (train.steps={train.steps}, "
                 f"timestep_fraction={options.timestep_fraction})")
-        require(train.lora_rank > 0 or options.kl_weight == 0, "awm.kl_weight compares with the LoRA-off base: it "
-                "needs train.lora_rank > 0 (or kl_weight 0)")
+        require_lora_for(cls.name, options.kl_weight, train)
 
     def setup(self, trainer) -> None:
         self.ema = ShadowWeights(trainer.params)
@@ -80,54 +77,32 @@ class AWM(FlowMatchingMethod):
 
     def update(self, trainer, batch) -> dict[str, float]:
         o = self.options
-        adv, valid = self.advantages(trainer, batch)
+        adv, valid = group_scores(trainer, batch, o.group_size, o.std, o.std_eps)
+        adv = adv.clamp(-o.adv_clip, o.adv_clip) / o.adv_clip * o.advantage_max
         points = trainer.flow_points(batch, o.fm_draws)
         owner, weight = points["owner"], valid.float()[points["owner"]]
         v_ref = trainer.point_velocities(batch, points, reference=True) if o.kl_weight > 0 else None
         v_ema = trainer.point_velocities(batch, points, self.ema.swapped_in()) if o.ema_weight > 0 else None
         on_policy = self.train.updates_per_iteration == 1
         lp_old = None if on_policy else log_likelihood(trainer.point_velocities(batch, points), points, o)
-        rng = torch.Generator().manual_seed(derive_seed(self.train.seed, batch.iteration, 13))
-        stats: dict[str, list[torch.Tensor]] = {}
-        for chunk in torch.randperm(len(owner), generator=rng).chunk(self.train.updates_per_iteration):
-            for start in range(0, len(chunk), self.train.train_batch):
-                idx = chunk[start:start + self.train.train_batch].to(owner.device)
-                cond = batch.cond.select(batch.leaf_row[owner[idx]])
-                v = trainer.policy_velocity(points["x"][idx], points["sigma"][idx], cond).float()
-                part = {k: val[idx] for k, val in points.items()}
-                lp = log_likelihood(v, part, o)
-                old = lp.detach() if lp_old is None else lp_old[idx]
-                policy = clipped_policy(lp, old, adv[owner[idx]], o.clip_range)
-                stats.setdefault("ratio_deviation", []).append((lp - old).detach().exp().sub(1).abs().mean())
-                loss = (weight[idx] * policy).mean()
-                for name, target, beta in (("kl", v_ref, o.kl_weight), ("ema_kl", v_ema, o.ema_weight)):
-                    if target is not None:
-                        dist = (weight[idx] * velocity_distance(v, target[idx], part["sigma"], o.kl_form)).mean()
-                        loss = loss + beta * dist
-                        stats.setdefault(name, []).append(dist.detach())
-                trainer.acc.backward(loss * len(idx) / len(chunk))
-                stats.setdefault("policy_loss", []).append((weight[idx] * policy).mean().detach())
-            grad_norm = trainer.optimizer_step()
-            if grad_norm is not None:
-                stats.setdefault("grad_norm", []).append(grad_norm)
+
+        def minibatch_loss(idx: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, dict]:
+            part = {k: val[idx] for k, val in points.items()}
+            lp = log_likelihood(v, part, o)
+            old = lp.detach() if lp_old is None else lp_old[idx]
+            loss = (weight[idx] * clipped_policy(lp, old, adv[owner[idx]], o.clip_range)).mean()
+            stats = {"policy_loss": loss, "ratio_deviation": (lp - old).detach().exp().sub(1).abs().mean()}
+            for name, target, beta in (("kl", v_ref, o.kl_weight), ("ema_kl", v_ema, o.ema_weight)):
+                if target is not None:
+                    stats[name] = (weight[idx] * velocity_distance(v, target[idx], part["sigma"], o.kl_form)).mean()
+                    loss = loss + beta * stats[name]
+            return loss, stats
+
+        stats = trainer.train_on_points(batch, points, minibatch_loss)
         steps = (batch.iteration + 1) * self.train.updates_per_iteration
         decay = ramp_decay(steps, o.ema_decay_rate, o.ema_decay_max)
         self.ema.blend(decay)
-        out = {k: torch.stack(v).float().mean().item() for k, v in stats.items()}
-        return {**out, "ema_decay": decay, "advantage/abs_mean": adv[valid].abs().mean().item()}
-
-    def advantages(self, trainer, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """This process's samples' advantages (group z-scores over every process's rewards, clipped and scaled)
-        and which samples were scored (a skipped one trains nothing)."""
-        o = self.options
-        position = trainer.gathered(batch.rewards, batch)[1]
-        rewards = batch.all_rewards
-        valid = torch.isfinite(rewards)
-        adv = torch.zeros_like(rewards, dtype=torch.float32)
-        if bool(valid.any()):
-            groups = torch.arange(len(rewards), device=rewards.device) // o.group_size
-            adv[valid] = group_advantages(rewards[valid], groups[valid], o.std, o.std_eps)
-        return adv[position].clamp(-o.adv_clip, o.adv_clip) / o.adv_clip * o.advantage_max, valid[position]
+        return {**stats, "ema_decay": decay, "advantage/abs_mean": adv[valid].abs().mean().item()}
 
     def extra_state(self, trainer) -> tuple[dict, dict]:
         return self.ema.state("kl_ema."), {}

@@ -23,13 +23,12 @@ from typing import Literal
 
 import torch
 
-from ..algorithms.grpo.advantages import group_advantages
 from ..seeds import derive_seed
 from ..training.shadow import ShadowWeights, ramp_decay
 from ..typed import bounded
 from . import register_method
 from .base import require
-from .flow_matching import FlowMatchingMethod, FlowMatchingOptions
+from .flow_matching import FlowMatchingMethod, FlowMatchingOptions, group_scores
 
 
 @dataclass
@@ -82,53 +81,33 @@ class DGPO(FlowMatchingMethod):
 
     def update(self, trainer, batch) -> dict[str, float]:
         o = self.options
-        adv, valid = self.advantages(trainer, batch)
+        adv, valid = group_scores(trainer, batch, o.group_size, o.std, o.std_eps)
         points = self.group_points(trainer, batch)
-        owner, key = points["owner"], points["key"]
-        adv_p = torch.where(valid, adv, torch.zeros_like(adv))[owner]   # a skipped sample weighs nothing
+        adv_p = adv.clamp(-o.adv_clip, o.adv_clip)[points["owner"]]  # a skipped sample's advantage is 0
         v_ref = trainer.point_velocities(batch, points, reference=True)
         v_old = trainer.point_velocities(batch, points, self.ema.swapped_in()) if o.clip_dsm or o.use_ema_ref \
             else None
         loss_now = fm_loss(trainer.point_velocities(batch, points), points["target"])
         loss_ref = fm_loss(v_old if o.use_ema_ref else v_ref, points["target"])
-        weight = group_weights(adv_p, loss_now, loss_ref, key, o.beta_dpo, o.group_size)
+        weight = group_weights(adv_p, loss_now, loss_ref, points["key"], o.beta_dpo, o.group_size)
         loss_old = fm_loss(v_old, points["target"]) if o.clip_dsm else None
-        rng = torch.Generator().manual_seed(derive_seed(self.train.seed, batch.iteration, 13))
-        stats: dict[str, list[torch.Tensor]] = {}
-        for u, chunk in enumerate(torch.randperm(len(owner), generator=rng).chunk(self.train.updates_per_iteration)):
-            for start in range(0, len(chunk), self.train.train_batch):
-                idx = chunk[start:start + self.train.train_batch].to(owner.device)
-                cond = batch.cond.select(batch.leaf_row[owner[idx]])
-                v = trainer.policy_velocity(points["x"][idx], points["sigma"][idx], cond).float()
-                dsm = fm_loss(v, points["target"][idx])
-                if loss_old is not None:
-                    clipped = dsm_clipped(dsm.detach(), loss_old[idx], adv_p[idx], o.clip_range)
-                    dsm = torch.where(clipped, dsm.detach(), dsm)
-                    stats.setdefault("clip_fraction", []).append(clipped.float().mean())
-                policy = (weight[idx] * adv_p[idx] * dsm).mean()
-                kl = (v - v_ref[idx]).pow(2).flatten(1).mean(1).mean()
-                trainer.acc.backward((policy + o.kl_weight * kl) * len(idx) / len(chunk))
-                stats.setdefault("policy_loss", []).append(policy.detach())
-                stats.setdefault("kl", []).append(kl.detach())
-            grad_norm = trainer.optimizer_step()
-            if grad_norm is not None:
-                stats.setdefault("grad_norm", []).append(grad_norm)
-            steps_before = batch.iteration * self.train.updates_per_iteration + u  # the code's pre-step count
-            self.ema.blend(ramp_decay(steps_before, o.ema_decay_rate, o.ema_decay_max))
-        out = {k: torch.stack(v).float().mean().item() for k, v in stats.items()}
-        return {**out, "group_weight/mean": weight.mean().item()}
 
-    def advantages(self, trainer, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """This process's samples' clipped group z-scores over every process's rewards, and which were scored."""
-        o = self.options
-        position = trainer.gathered(batch.rewards, batch)[1]
-        rewards = batch.all_rewards
-        valid = torch.isfinite(rewards)
-        adv = torch.zeros_like(rewards, dtype=torch.float32)
-        if bool(valid.any()):
-            groups = torch.arange(len(rewards), device=rewards.device) // o.group_size
-            adv[valid] = group_advantages(rewards[valid], groups[valid], o.std, o.std_eps)
-        return adv[position].clamp(-o.adv_clip, o.adv_clip), valid[position]
+        def minibatch_loss(idx: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, dict]:
+            dsm, stats = fm_loss(v, points["target"][idx]), {}
+            if loss_old is not None:
+                clipped = dsm_clipped(dsm.detach(), loss_old[idx], adv_p[idx], o.clip_range)
+                dsm = torch.where(clipped, dsm.detach(), dsm)
+                stats["clip_fraction"] = clipped.float().mean()
+            stats["policy_loss"] = (weight[idx] * adv_p[idx] * dsm).mean()
+            stats["kl"] = (v - v_ref[idx]).pow(2).flatten(1).mean(1).mean()
+            return stats["policy_loss"] + o.kl_weight * stats["kl"], stats
+
+        def ema_step(u: int) -> None:  # after every optimizer step, with the steps before it (as the code)
+            steps_before = batch.iteration * self.train.updates_per_iteration + u
+            self.ema.blend(ramp_decay(steps_before, o.ema_decay_rate, o.ema_decay_max))
+
+        stats = trainer.train_on_points(batch, points, minibatch_loss, ema_step)
+        return {**stats, "group_weight/mean": weight.mean().item()}
 
     def group_points(self, trainer, batch) -> dict[str, torch.Tensor]:
         """``fm_draws`` points per sample, draw-major: draw m of every sample at grid index ``t_m`` (the same for

@@ -23,13 +23,10 @@ from typing import Literal
 
 import torch
 
-from ..algorithms.grpo.advantages import group_advantages
-from ..seeds import derive_seed
 from ..training.shadow import ShadowWeights, ramp_decay
 from ..typed import bounded
 from . import register_method
-from .base import require
-from .flow_matching import FlowMatchingMethod, FlowMatchingOptions
+from .flow_matching import FlowMatchingMethod, FlowMatchingOptions, group_scores, require_lora_for
 
 
 @dataclass
@@ -63,8 +60,7 @@ class DiffusionNFT(FlowMatchingMethod):
     @classmethod
     def check(cls, options, train, modifiers) -> None:
         super().check(options, train, modifiers)
-        require(train.lora_rank > 0 or options.kl_weight == 0, "diffusion_nft.kl_weight compares with the LoRA-off "
-                "base: it needs train.lora_rank > 0 (or kl_weight 0)")
+        require_lora_for(cls.name, options.kl_weight, train)
 
     def setup(self, trainer) -> None:
         self.old = ShadowWeights(trainer.params)  # the old policy starts as the policy
@@ -74,48 +70,26 @@ class DiffusionNFT(FlowMatchingMethod):
 
     def update(self, trainer, batch) -> dict[str, float]:
         o = self.options
-        r, valid = self.optimality(trainer, batch)
+        adv, valid = group_scores(trainer, batch, o.group_size, o.std, o.std_eps)
+        r = optimality(adv, o.adv_clip, o.adv_mode)
         points = trainer.flow_points(batch, o.fm_draws)
         v_old = trainer.point_velocities(batch, points, self.old.swapped_in())
         v_ref = trainer.point_velocities(batch, points, reference=True) if o.kl_weight > 0 else None
         owner, weight = points["owner"], valid.float()[points["owner"]]  # skipped samples: weight 0, same steps
-        rng = torch.Generator().manual_seed(derive_seed(self.train.seed, batch.iteration, 13))
-        stats: dict[str, list[torch.Tensor]] = {}
-        for chunk in torch.randperm(len(owner), generator=rng).chunk(self.train.updates_per_iteration):
-            for start in range(0, len(chunk), self.train.train_batch):
-                idx = chunk[start:start + self.train.train_batch].to(owner.device)
-                cond = batch.cond.select(batch.leaf_row[owner[idx]])
-                v = trainer.policy_velocity(points["x"][idx], points["sigma"][idx], cond).float()
-                policy = nft_loss(v, v_old[idx], points["target"][idx], points["sigma"][idx], r[owner[idx]],
-                                  o.beta, o.adv_clip, o.adaptive_weight)
-                loss = (weight[idx] * policy).mean()
-                if v_ref is not None:
-                    kl = (weight[idx] * (v - v_ref[idx]).pow(2).flatten(1).mean(1)).mean()
-                    loss = loss + o.kl_weight * kl
-                    stats.setdefault("kl", []).append(kl.detach())
-                trainer.acc.backward(loss * len(idx) / len(chunk))
-                stats.setdefault("policy_loss", []).append((weight[idx] * policy).mean().detach())
-            grad_norm = trainer.optimizer_step()
-            if grad_norm is not None:
-                stats.setdefault("grad_norm", []).append(grad_norm)
+
+        def minibatch_loss(idx: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, dict]:
+            policy = (weight[idx] * nft_loss(v, v_old[idx], points["target"][idx], points["sigma"][idx],
+                                             r[owner[idx]], o.beta, o.adv_clip, o.adaptive_weight)).mean()
+            if v_ref is None:
+                return policy, {"policy_loss": policy}
+            kl = (weight[idx] * (v - v_ref[idx]).pow(2).flatten(1).mean(1)).mean()
+            return policy + o.kl_weight * kl, {"policy_loss": policy, "kl": kl}
+
+        stats = trainer.train_on_points(batch, points, minibatch_loss)
         steps = (batch.iteration + 1) * self.train.updates_per_iteration
         decay = ramp_decay(steps, o.old_decay_rate, o.old_decay_max, o.old_decay_flat)
         self.old.blend(decay)
-        out = {k: torch.stack(v).float().mean().item() for k, v in stats.items()}
-        return {**out, "old_decay": decay, "optimality/mean": r[valid].mean().item() if bool(valid.any()) else 0.5}
-
-    def optimality(self, trainer, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """This process's samples' ``r`` from group z-scores over every process's rewards, and which samples
-        were scored (a skipped one trains nothing)."""
-        o = self.options
-        position = trainer.gathered(batch.rewards, batch)[1]
-        rewards = batch.all_rewards
-        valid = torch.isfinite(rewards)
-        adv = torch.zeros_like(rewards, dtype=torch.float32)
-        if bool(valid.any()):
-            groups = torch.arange(len(rewards), device=rewards.device) // o.group_size
-            adv[valid] = group_advantages(rewards[valid], groups[valid], o.std, o.std_eps)
-        return optimality(adv[position], o.adv_clip, o.adv_mode), valid[position]
+        return {**stats, "old_decay": decay, "optimality/mean": r[valid].mean().item() if bool(valid.any()) else 0.5}
 
     def extra_state(self, trainer) -> tuple[dict, dict]:
         return self.old.state("old."), {}

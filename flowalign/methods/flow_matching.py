@@ -9,6 +9,7 @@ from typing import Literal
 
 import torch
 
+from ..algorithms.grpo.advantages import group_advantages
 from ..typed import bounded
 from .base import Method, require
 
@@ -57,3 +58,23 @@ class FlowMatchingMethod(Method):
     def update(self, trainer, batch) -> dict[str, float]:
         """Train on ``batch`` (samples, rewards); returns statistics to log."""
         raise NotImplementedError
+
+
+def group_scores(trainer, batch, group_size: int, std: Literal["global", "group"],
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """This process's samples' group z-scores over every process's rewards (a group: ``group_size`` consecutive
+    sample ids), and which samples were scored (a skipped one gets 0)."""
+    position = trainer.gathered(batch.rewards, batch)[1]
+    rewards = batch.all_rewards
+    valid = torch.isfinite(rewards)
+    adv = torch.zeros_like(rewards, dtype=torch.float32)
+    if bool(valid.any()):
+        groups = torch.arange(len(rewards), device=rewards.device) // group_size
+        adv[valid] = group_advantages(rewards[valid], groups[valid], std, eps)
+    return adv[position], valid[position]
+
+
+def require_lora_for(method: str, weight: float, train) -> None:
+    """A distance to the LoRA-off base needs a LoRA (one line naming the option)."""
+    require(train.lora_rank > 0 or weight == 0, f"{method}.kl_weight compares with the LoRA-off base: it needs "
+            "train.lora_rank > 0 (or kl_weight 0)")

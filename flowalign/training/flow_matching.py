@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from typing import Callable
 
 import torch
 
@@ -74,6 +75,35 @@ class FlowMatchingTrainer(Trainer):
             return self.gen.velocity(x, sigma, cond, guidance=guidance)
         with torch.no_grad(), adapters_disabled(self.gen.trainable_module, self.lora):
             return self.gen.velocity(x, sigma, cond, guidance=guidance)
+
+    def train_on_points(self, batch: IterationBatch, points: dict[str, torch.Tensor],
+                        minibatch_loss: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict]],
+                        after_step: Callable[[int], None] | None = None) -> dict[str, float]:
+        """``updates_per_iteration`` optimizer steps over the points (shuffled, seeded by the iteration),
+        ``train_batch`` at a time: ``minibatch_loss(idx, v)`` gives the loss of points ``idx`` from the policy's
+        velocity ``v`` there, and the statistics to log; ``after_step(u)`` runs after optimizer step u."""
+        owner, stats = points["owner"], {}
+        rng = torch.Generator().manual_seed(derive_seed(self.t.seed, batch.iteration, 13))
+        for u, chunk in enumerate(torch.randperm(len(owner), generator=rng).chunk(self.t.updates_per_iteration)):
+            for start in range(0, len(chunk), self.t.train_batch):
+                idx = chunk[start:start + self.t.train_batch].to(owner.device)
+                cond = batch.cond.select(batch.leaf_row[owner[idx]])
+                v = self.policy_velocity(points["x"][idx], points["sigma"][idx], cond).float()
+                loss, parts = minibatch_loss(idx, v)
+                self.backward(loss * len(idx) / len(chunk))
+                for k, value in parts.items():
+                    stats.setdefault(k, []).append(value.detach())
+            grad_norm = self.optimizer_step()
+            if grad_norm is not None:
+                stats.setdefault("grad_norm", []).append(grad_norm)
+            if after_step is not None:
+                after_step(u)
+        return {k: torch.stack(v).float().mean().item() for k, v in stats.items()}
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward, unless nothing in ``loss`` is trained (every point in an untrained Wan 2.2 expert's range)."""
+        if loss.requires_grad:
+            self.acc.backward(loss)
 
     def point_velocities(self, batch: IterationBatch, points: dict[str, torch.Tensor],
                          weights: contextlib.AbstractContextManager | None = None,
