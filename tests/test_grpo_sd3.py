@@ -119,7 +119,8 @@ def test_forward_process_methods_train_sd3(tiny_dir, method, tmp_path):
         f"model.name={tiny_dir}", "model.local_files_only=true", "model.dtype=float32", "reward.weights={toy/ink: 1.0}",
         f"train.prompt_file={prompt_file}", "train.iterations=1", "train.prompts_per_iteration=2",
         f"{method}.group_size=2", "train.steps=4", f"{method}.fm_draws=2", "train.eval_prompts=0",
-        "train.rollout_batch=4", "train.train_batch=8", "train.mixed_precision=no", "train.gradient_checkpointing=false",
+        "train.rollout_batch=4", "train.train_batch=8", "train.mixed_precision=no",
+        "train.gradient_checkpointing=false",
         f"train.lora_rank={RANK}", f"train.lora_alpha={ALPHA}", "train.checkpoint_every=0", "train.lr=1e-2",
         *(["dgpo.trunc_steps=2"] if method == "dgpo" else []), f"output_dir={tmp_path / 'run'}"])
     trainer = make_trainer(cfg)
