@@ -2,8 +2,8 @@
 
 ``flowalign train`` writes ``OUTPUT/`` with tensorboard event files (``flowalign/events.out.tfevents.*``:
 ``reward/mean``, ``reward/std``, per-reward ``reward/NAME``, losses, timings; a ``samples`` image every
-checkpoint), ``report/`` (``before.png``, ``after.png``, ``reward_curve.png``, ``metrics.json`` with the
-history), ``checkpoints/`` and ``final/`` (the LoRA). Event files are read first; ``metrics.json``'s
+checkpoint), ``report/`` (``before.png``, ``after.png``, ``reward_curve.png``, ``monitor.png``, ``metrics.json``
+with the history), ``checkpoints/`` and ``final/`` (the LoRA). Event files are read first; ``metrics.json``'s
 history stands in when there are none.
 """
 from __future__ import annotations
@@ -110,7 +110,7 @@ def read_run(folder: str | Path) -> RunView:
                 for tag, value in row.items():
                     if tag != "iteration" and isinstance(value, (int, float)):
                         scalars.setdefault(tag, []).append((int(row["iteration"]), float(value)))
-    for name in ("before.png", "after.png", "reward_curve.png"):
+    for name in ("before.png", "after.png", "reward_curve.png", "monitor.png"):
         if (path / "report" / name).is_file():
             images.append((Image.open(path / "report" / name).convert("RGB"), f"report/{name}"))
     if not scalars and not images:

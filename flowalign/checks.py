@@ -48,6 +48,12 @@ def check_run(cfg: RunConfig, where: str = "config") -> None:
         unknown = [n for n in cfg.reward.weights if n not in available()]
         if unknown:
             raise ConfigError(f"reward.weights: unknown reward '{unknown[0]}' (flowalign rewards list shows them)")
+        unknown = [n for n in cfg.monitor.guards if n not in available()]
+        if unknown:
+            raise ConfigError(f"monitor.guards: unknown reward '{unknown[0]}' (flowalign rewards list shows them)")
+        if cfg.monitor.diversity_drop is not None and cfg.monitor.samples_per_prompt < 2:
+            raise ConfigError("monitor.diversity_drop measures diversity among a prompt's samples: set "
+                              "monitor.samples_per_prompt to 2 or more")
     except ConfigError as err:
         raise ConfigError(f"{where}: {err}") from None
 

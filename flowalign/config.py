@@ -105,12 +105,30 @@ class TrainConfig:
 
 
 @dataclass
+class MonitorConfig:
+    """The reward-hacking monitor: guards the run does not optimise, measured on fixed held-out prompts and seeds."""
+
+    every: int = bounded(0, min=0, doc="iterations between guard evaluations (0: off)")
+    prompts: int = bounded(16, min=1, max=10_000, doc="held-out prompts the guards are measured on")
+    samples_per_prompt: int = bounded(1, min=1, max=64, doc="seeds per prompt (2 or more: diversity per prompt)")
+    guards: dict[str, float] = bounded({}, doc="rewards the run does not optimise -> the relative drop that "
+                                       "raises the alarm, e.g. {toy/judge_digit: 0.1}")
+    diversity_drop: float | None = bounded(None, min=0.0, doc="guard the per-prompt diversity (pixel Vendi score "
+                                           "over samples_per_prompt seeds): the relative drop that raises the alarm")
+    distance_to_base: bool = bounded(True, doc="log the mean |sample - base model's sample| on the same seeds")
+    on_alarm: Literal["warn", "checkpoint", "stop"] = bounded(
+        "warn", doc="when a guard drops past its limit while the reward rises: warn, also checkpoint, or "
+        "checkpoint and stop training (the report is still written)")
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
     output_dir: str = "outputs/run"
     method: str = bounded("flow_grpo", doc="the training method (flowalign methods lists them)")
     #: the method's options (its dataclass, read from the section named after the method)

@@ -53,6 +53,8 @@ def write_report(out: Path, before: tuple, after: tuple, history: list[dict], ex
     fig.tight_layout()
     fig.savefig(report / "reward_curve.png", dpi=100)
     plt.close(fig)
+    if any("monitor/reward" in h for h in history):
+        draw_monitor(report / "monitor.png", history, extra.get("monitor") or {})
     metrics = {**_summary("reward_before", before[1]), **_summary("reward_after", after[1]), "history": history,
                **extra}
     (report / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -65,3 +67,24 @@ def _summary(name: str, scores: torch.Tensor) -> dict[str, float | int]:
     return {name: scored.mean().item() if scored.numel() else float("nan"),
             f"{name}_std": scored.std().item() if scored.numel() > 1 else 0.0,
             f"{name}_skipped": int(scores.numel() - scored.numel())}
+
+
+def draw_monitor(path: Path, history: list[dict], monitor: dict) -> None:
+    """One small plot per guard metric against the iterations completed (0: before training), the alarm marked."""
+    import matplotlib.pyplot as plt
+
+    first = monitor.get("first") or {}
+    keys = sorted({k for h in history for k in h if k.startswith("monitor/") and k != "monitor/alarm"})
+    fig, axes = plt.subplots(1, len(keys), figsize=(3 * len(keys), 2.6), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        points = [(0, first[key])] if key in first else []
+        points += [(h["iteration"] + 1, h[key]) for h in history if key in h]
+        ax.plot(*zip(*points), marker="o", markersize=3)
+        for h in history:
+            if h.get("monitor/alarm"):
+                ax.axvline(h["iteration"] + 1, color="tab:red", linestyle="--", linewidth=1)
+        ax.set_title(key.removeprefix("monitor/"), fontsize=9)
+        ax.set_xlabel("iterations done", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -27,7 +27,8 @@ def train(config: str | Path | RunConfig | None = None, overrides: list[str] = (
         metrics = {"final": str(final)}
         if trainer.acc.is_main_process and before is not None:
             metrics = write_report(Path(cfg.output_dir), before, evaluation("the evaluation after training"),
-                                   history, {"final": str(final), "method": cfg.method},
+                                   history, {"final": str(final), "method": cfg.method,
+                                             **({"monitor": trainer.monitor.state()} if trainer.monitor else {})},
                                    getattr(trainer.gen, "sample_rate", None))
             print_fn(f"reward on {len(prompts)} held-out prompts and seeds: {metrics['reward_before']:.4f} -> "
                      f"{metrics['reward_after']:.4f}{_skipped(metrics)}; report in "

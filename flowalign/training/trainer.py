@@ -26,6 +26,7 @@ from . import checkpoint as ckpt
 from .batch import IterationBatch
 from .interrupts import stop_at_boundaries
 from .lora import add_lora, load_trainable_state, save_lora_diffusers, trainable_shapes, trainable_state
+from .monitor import HackingMonitor
 from .prompts import iteration_prompts, local_samples, read_prompt_file
 from .scoring import OverlappedScoring, guarded_scores
 from .state import full_optimizer_state, load_full_optimizer_state
@@ -66,6 +67,7 @@ class Trainer:
         # what Ctrl-C waits for; the iteration count of the newest checkpoint (every process) and its path (main)
         self.activity, self.saved_iteration, self.saved = "iteration 0", None, None
         self.method.setup(self)
+        self.monitor = HackingMonitor(self) if cfg.monitor.every else None
         if self.acc.is_main_process:
             self.acc.init_trackers("flowalign")
 
@@ -186,7 +188,10 @@ class Trainer:
                                  "(Ctrl-C again to discard it)", flush=True)
         try:
             with stop_at_boundaries(announce) as stop:
-                while self.iteration < self.t.iterations and not stop.requested:
+                if self.monitor is not None and self.monitor.first is None:
+                    self.activity = "the monitor's first evaluation"
+                    self.monitor.check(self.monitor.evaluate(), -1)  # the guards before training
+                while self.iteration < self.t.iterations and not stop.requested and not self._stopped_by_monitor():
                     self._iterate(bar)
             if stop.requested:
                 path = self.saved if self.saved_iteration == self.iteration else self.save_checkpoint()
@@ -210,15 +215,39 @@ class Trainer:
         metrics, batch = self.run_iteration(self.iteration)
         metrics["time/iteration"] = time.perf_counter() - start
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+        alarm = self._watch(metrics)
         self.history.append({"iteration": self.iteration, **metrics})
         self.acc.log(metrics, step=self.iteration)
         self.iteration += 1
         bar.update(1)
         bar.set_postfix(reward=f"{metrics['reward/mean']:.4f}")
-        if self.t.checkpoint_every and self.iteration % self.t.checkpoint_every == 0:
+        due = self.t.checkpoint_every and self.iteration % self.t.checkpoint_every == 0
+        if due or (alarm and self.cfg.monitor.on_alarm != "warn"):
             self.activity = f"checkpoint-{self.iteration}"
             self.save_checkpoint()
             self.log_samples(batch.media)
+
+    def _watch(self, metrics: dict[str, float]) -> str | None:
+        """The monitor's guard metrics into ``metrics`` when due; its alarm line (printed once) if one fires."""
+        if self.monitor is None or not self.monitor.due(self.iteration):
+            return None
+        self.activity = f"the monitor's evaluation after iteration {self.iteration}"
+        values = self.monitor.evaluate()
+        metrics.update(values)
+        alarm = self.monitor.check(values, self.iteration)
+        if alarm:
+            metrics["monitor/alarm"] = 1.0
+            if self.acc.is_main_process:
+                print(alarm, flush=True)
+        return alarm
+
+    def _stopped_by_monitor(self) -> bool:
+        """``monitor.on_alarm: stop`` after an alarm: training ends here (checkpointed); the report still runs."""
+        if self.monitor is None or self.monitor.alarm is None or self.cfg.monitor.on_alarm != "stop":
+            return False
+        if self.acc.is_main_process:
+            print(f"flowalign: the monitor stopped training after iteration {self.iteration - 1} (checkpointed)")
+        return True
 
     def _last_good(self) -> str:
         """Where a stopped run resumes from: the newest complete checkpoint (each holds whole iterations with
@@ -258,7 +287,8 @@ class Trainer:
             ema = {f"ema.{i}": p for i, p in enumerate(self.ema.shadow_params)} if self.ema else None
             optimizers = {"policy": policy_optimizer, **extra_optimizers}
             state = {"history": self.history, "method": self.cfg.method, "num_processes": self.acc.num_processes,
-                     "reward_normalization": self.reward.normalization_state()}
+                     "reward_normalization": self.reward.normalization_state(),
+                     "monitor": self.monitor.state() if self.monitor is not None else None}
             path = ckpt.save_checkpoint(self.out / "checkpoints", self.iteration, {**weights, **extra_weights},
                                         optimizers, state, ema, self.t.checkpoints_total_limit,
                                         ckpt.shaping_config(self.cfg, self.gen.lora_target_modules))
@@ -301,6 +331,8 @@ class Trainer:
             for i, p in enumerate(self.ema.shadow_params):
                 p.copy_(ema[f"ema.{i}"])
         self.reward.load_normalization_state(state.get("reward_normalization", {}))
+        if self.monitor is not None and state.get("monitor"):
+            self.monitor.load_state(state["monitor"])
         self.iteration, self.history = state["iteration"], state["history"]
 
     def save_final(self) -> Path:
