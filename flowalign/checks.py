@@ -36,7 +36,7 @@ def check_run(cfg: RunConfig, where: str = "config") -> None:
         if cfg.reward.aggregate == "advantage" and method.family != "policy_gradient":
             raise ConfigError(f"reward.aggregate=advantage normalises each reward within its groups' advantages: "
                               f"method {cfg.method} has none (use reward.aggregate=reward)")
-        if cfg.reward.on_error == "skip" and method.family != "policy_gradient":
+        if cfg.reward.on_error == "skip" and not method.skips_failed_samples:
             raise ConfigError(f"reward.on_error=skip: method {cfg.method} cannot train around skipped samples yet "
                               "(use reward.on_error=stop)")
         if not cfg.reward.weights:

@@ -57,6 +57,7 @@ class AWM(FlowMatchingMethod):
     title = "AWM"
     paper = "arXiv 2509.25050"
     Options = AWMOptions
+    skips_failed_samples = True  # a skipped sample weighs 0 in the loss
 
     @classmethod
     def check(cls, options, train, modifiers) -> None:

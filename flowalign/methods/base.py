@@ -29,6 +29,8 @@ class Method:
     #: whether it may train the conditional velocity (``train.cfg: false``) on samples drawn with CFG: true where
     #: the loss compares samples with each other rather than fitting them (DGPO)
     guided_rollouts: ClassVar[bool] = False
+    #: whether it trains around samples whose reward failed (``reward.on_error: skip``: NaN rewards weigh nothing)
+    skips_failed_samples: ClassVar[bool] = False
 
     def __init__(self, options: Any, train: "TrainConfig", modifiers: dict[str, "Modifier"] | None = None):
         self.options, self.train = options, train

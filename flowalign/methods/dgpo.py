@@ -60,6 +60,7 @@ class DGPO(FlowMatchingMethod):
     title = "DGPO"
     paper = "arXiv 2510.08425"
     Options = DGPOOptions
+    skips_failed_samples = True  # a skipped sample weighs 0 in the loss
     whole_prompts = "a group's weight sums over all of its samples"
     guided_rollouts = True
 

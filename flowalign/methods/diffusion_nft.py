@@ -56,6 +56,7 @@ class DiffusionNFT(FlowMatchingMethod):
     title = "DiffusionNFT"
     paper = "arXiv 2509.16117"
     Options = DiffusionNFTOptions
+    skips_failed_samples = True  # a skipped sample weighs 0 in the loss
 
     @classmethod
     def check(cls, options, train, modifiers) -> None:

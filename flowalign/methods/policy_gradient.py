@@ -52,6 +52,7 @@ class PolicyGradientMethod(Method):
     """A GRPO-family method: SDE rollouts, group advantages, the clipped-ratio loss."""
 
     family = "policy_gradient"
+    skips_failed_samples = True  # a NaN reward's sample gets advantage 0
     #: one root per prompt whose trajectories share a trunk; groups come from the plan (not ``group_size``)
     shares_trunks: ClassVar[bool] = False
 
