@@ -41,14 +41,15 @@ def check_run(cfg: RunConfig, where: str = "config") -> None:
                               "(use reward.on_error=stop)")
         if not cfg.reward.weights:
             raise ConfigError("reward.weights: expected at least one reward")
+        check_ensemble(cfg.reward)
         if not cfg.output_dir.strip():
             raise ConfigError("output_dir: expected a folder name, got ''")
-        from .rewards.registry import available
+        from .rewards.registry import known
 
-        unknown = [n for n in cfg.reward.weights if n not in available()]
+        unknown = [n for n in cfg.reward.weights if not known(n)]
         if unknown:
             raise ConfigError(f"reward.weights: unknown reward '{unknown[0]}' (flowalign rewards list shows them)")
-        unknown = [n for n in cfg.monitor.guards if n not in available()]
+        unknown = [n for n in cfg.monitor.guards if not known(n)]
         if unknown:
             raise ConfigError(f"monitor.guards: unknown reward '{unknown[0]}' (flowalign rewards list shows them)")
         if cfg.monitor.diversity_drop is not None and cfg.monitor.samples_per_prompt < 2:
@@ -56,6 +57,22 @@ def check_run(cfg: RunConfig, where: str = "config") -> None:
                               "monitor.samples_per_prompt to 2 or more")
     except ConfigError as err:
         raise ConfigError(f"{where}: {err}") from None
+
+
+def check_ensemble(reward) -> None:
+    """An ensemble objective compares normalised members with positive weights (equal ones for worst_case)."""
+    if reward.objective == "weighted_sum":
+        return
+    what = f"reward.objective={reward.objective}"
+    if reward.normalize == "none":
+        raise ConfigError(f"{what} compares its members after per-member normalisation: set reward.normalize to "
+                          "batch or running")
+    if len(reward.weights) < 2:
+        raise ConfigError(f"{what}: reward.weights names the ensemble's members, expected 2 or more")
+    if any(w <= 0 for w in reward.weights.values()):
+        raise ConfigError(f"{what}: reward.weights are the members' shares, expected each above 0")
+    if reward.objective == "worst_case" and len(set(reward.weights.values())) > 1:
+        raise ConfigError(f"{what} takes the smallest member score: give every member the same weight")
 
 
 def check_training(cfg: RunConfig, num_processes: int) -> None:

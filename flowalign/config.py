@@ -58,6 +58,10 @@ class RewardConfig:
     weights: dict[str, float] = bounded({"toy/bold_digit": 1.0}, doc="reward name -> weight")
     options: dict[str, dict] = bounded({}, doc="reward name -> constructor arguments (path, local_files_only, ...)")
     normalize: Literal["none", "batch", "running"] = "none"
+    objective: Literal["weighted_sum", "mean", "uncertainty_weighted", "worst_case"] = bounded(
+        "weighted_sum", doc="the weighted sum of the rewards, or a conservative objective over them as an ensemble's "
+        "members (normalised each): their mean, mean - penalty x variance, or the smallest")
+    penalty: float = bounded(0.5, min=0.0, doc="uncertainty_weighted: the weight of the members' variance (lambda)")
     #: ``reward``: z-score the weighted sum; ``advantage``: z-score each reward, then sum (MixGRPO).
     aggregate: Literal["reward", "advantage"] = "reward"
     #: A reward that fails (raises, NaN, times out): ``stop`` the run, or ``skip`` the affected samples.

@@ -100,9 +100,9 @@ def load_optimize_config(path: str | Path | None = None, overrides: list[str] = 
         if section in data and data[section] is None:
             del data[section]
     cfg = from_dict(OptimizeConfig, data, where)
-    from .rewards.registry import available
+    from .rewards.registry import known
 
-    unknown = [n for n in cfg.reward.weights if n not in available()]
+    unknown = [n for n in cfg.reward.weights if not known(n)]
     if not cfg.reward.weights:
         raise ConfigError(f"{where}: reward.weights: expected at least one reward")
     if unknown:

@@ -7,11 +7,12 @@ checked against its ``input_spec``. A non-finite score is an error naming the sa
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 from torch import nn
 
+from .ensemble import Objective, ensemble_score
 from .errors import RewardError
 
 Modality = Literal["image", "video", "audio"]
@@ -185,18 +186,23 @@ class SetReward(Reward):
 
 
 class CompositeReward(Reward):
-    """A weighted sum of rewards, each optionally normalised first.
+    """Rewards combined into one score, each optionally normalised first.
 
     ``normalize``: ``none``; ``batch`` (z-score within the batch); ``running`` (z-score with running
-    statistics, updated by each call, so scales stay comparable across batches)."""
+    statistics, updated by each call, so scales stay comparable across batches). ``objective``: the weighted
+    sum, or a conservative ensemble objective over the parts as members (``ensemble.py``)."""
 
     def __init__(self, rewards: dict[str, Reward], weights: dict[str, float],
-                 normalize: Literal["none", "batch", "running"] = "none", momentum: float = 0.01):
+                 normalize: Literal["none", "batch", "running"] = "none", momentum: float = 0.01,
+                 objective: Objective = "weighted_sum", penalty: float = 0.5):
         super().__init__()
         self.parts = nn.ModuleDict(rewards)
         self.weights = dict(weights)
         self.normalize, self.momentum = normalize, momentum
+        self.objective, self.penalty = objective, penalty
         self.name = "+".join(f"{w:g}*{k}" for k, w in self.weights.items())
+        if objective != "weighted_sum":
+            self.name = f"{objective}({self.name})"
         self.differentiable = all(r.differentiable for r in rewards.values())
         self.modality = next(iter(rewards.values())).modality
         self.stats: dict[str, tuple[float, float]] = {}
@@ -209,11 +215,13 @@ class CompositeReward(Reward):
         """Every part's raw score, by name (for logging)."""
         return {k: r.score(media, prompts, metadata) for k, r in self.parts.items()}
 
-    def _normalized(self, name: str, s: torch.Tensor) -> torch.Tensor:
-        if self.normalize == "batch":
-            return (s - s.mean()) / (s.std(unbiased=False) + 1e-6) if s.numel() > 1 else s - s.mean()
-        if self.normalize == "running":
-            mean, var = s.detach().mean().item(), s.detach().var(unbiased=False).item()
+    def _normalized(self, name: str, s: torch.Tensor, population: torch.Tensor) -> torch.Tensor:
+        """``s`` z-scored with the statistics of ``population`` (batch) or the running ones updated by it."""
+        if self.normalize == "batch" and population.numel():
+            std = population.std(unbiased=False) if population.numel() > 1 else torch.zeros_like(population[0])
+            return (s - population.mean()) / (std + 1e-6)
+        if self.normalize == "running" and population.numel():
+            mean, var = population.detach().mean().item(), population.detach().var(unbiased=False).item()
             old = self.stats.get(name)
             if old is not None:
                 mean = (1 - self.momentum) * old[0] + self.momentum * mean
@@ -222,16 +230,15 @@ class CompositeReward(Reward):
             return (s - mean) / (var ** 0.5 + 1e-6)
         return s
 
-    def combine(self, scores: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The weighted sum of raw scores (by part name), each normalised first. A row with a NaN score (a
-        skipped sample) stays NaN and is left out of the normalisation statistics."""
-        valid = torch.stack([torch.isfinite(s) for s in scores.values()]).all(dim=0)
-        if bool(valid.all()):
-            return sum(self.weights[k] * self._normalized(k, s) for k, s in scores.items())
-        total = torch.full_like(next(iter(scores.values())), float("nan"))
-        if bool(valid.any()):
-            total[valid] = sum(self.weights[k] * self._normalized(k, s[valid]) for k, s in scores.items())
-        return total
+    def combine(self, scores: dict[str, torch.Tensor], gather: Callable | None = None) -> torch.Tensor:
+        """The objective over raw scores (by part name), each normalised first. A row with a NaN score (a skipped
+        sample) stays NaN and is left out of the normalisation statistics. ``gather`` (every process's values
+        of a tensor) makes those statistics the whole batch's, whatever the number of processes."""
+        if self.normalize != "none":
+            seen = {k: gather(s.detach().contiguous()) if gather else s for k, s in scores.items()}
+            valid = torch.stack([torch.isfinite(v) for v in seen.values()]).all(dim=0)
+            scores = {k: self._normalized(k, s, seen[k][valid]) for k, s in scores.items()}
+        return ensemble_score(scores, self.weights, self.objective, self.penalty)
 
     def score_parts(self, media, prompts=None, metadata=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The weighted (normalised) sum and each part's raw score (detached), in one pass."""

@@ -83,13 +83,25 @@ def available() -> list[str]:
     return sorted(set(BUILTIN) | set(_plugins()))
 
 
+def registered(name: str) -> str:
+    """The registered reward a name stands for: ``pickscore#2`` is another ``pickscore`` with its own options
+    (a second member of an ensemble, another checkpoint)."""
+    return name.split("#", 1)[0]
+
+
+def known(name: str) -> bool:
+    """Whether ``load`` accepts ``name`` (a registered reward, optionally tagged ``#...``)."""
+    return registered(name) in available()
+
+
 def reward_class(name: str) -> Callable[..., Reward]:
     """The class (or factory) ``load(name)`` calls, imported but not called: what a run can check about a
     reward (pairwise? differentiable?) before any weights load."""
-    if name in BUILTIN:
-        return _resolve(BUILTIN[name])
-    if name in (plugins := _plugins()):
-        return plugins[name].load()
+    base = registered(name)
+    if base in BUILTIN:
+        return _resolve(BUILTIN[base])
+    if base in (plugins := _plugins()):
+        return plugins[base].load()
     raise RewardError(f"reward '{name}': unknown (available: {', '.join(available())})")
 
 
@@ -101,12 +113,14 @@ def load(name: str, **kwargs) -> Reward:
     except (OSError, ValueError, TypeError, RuntimeError) as err:
         raise RewardError(f"reward '{name}': cannot load "
                           f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
-    if getattr(reward, "name", "reward") == "reward":
+    if getattr(reward, "name", "reward") == "reward" or registered(name) != name:
         reward.name = name
     return reward
 
 
-def load_weighted(weights: dict[str, float], normalize: str = "none", **kwargs) -> CompositeReward:
-    """A weighted composite of named rewards, e.g. ``{"toy/classifier": 1.0, "toy/ink": 0.2}``;
-    ``kwargs[name]`` holds each reward's constructor arguments."""
-    return CompositeReward({n: load(n, **kwargs.get(n, {})) for n in weights}, weights, normalize)
+def load_weighted(weights: dict[str, float], normalize: str = "none", objective: str = "weighted_sum",
+                  penalty: float = 0.5, **kwargs) -> CompositeReward:
+    """A composite of named rewards, e.g. ``{"toy/classifier": 1.0, "toy/ink": 0.2}`` (a weighted sum, or an
+    ensemble ``objective``); ``kwargs[name]`` holds each reward's constructor arguments."""
+    return CompositeReward({n: load(n, **kwargs.get(n, {})) for n in weights}, weights, normalize,
+                           objective=objective, penalty=penalty)

@@ -40,6 +40,10 @@ CASES = {
     "mix_grpo": ("configs/toy/digits_mix_grpo.yaml", ["mix_grpo.group_size=4", "mix_grpo.window_size=2",
                                                      "train.updates_per_iteration=1"]),
     "dr_grpo": ("configs/toy/digits_dr_grpo.yaml", ["dr_grpo.group_size=4", "train.updates_per_iteration=1"]),
+    # an ensemble's worst case over members z-scored with the whole batch's statistics (all processes)
+    "ensemble": ("configs/toy/digits_flow_grpo.yaml", ["flow_grpo.group_size=4", "train.updates_per_iteration=1",
+                                                      "reward.weights={toy/bold_digit: 1, toy/ink: 1}",
+                                                      "reward.normalize=batch", "reward.objective=worst_case"]),
     # a shared ODE prefix per group (Fast) and a solver tail (Flash)
     "flow_grpo_fast": ("configs/toy/digits_flow_grpo_fast.yaml", ["flow_grpo.group_size=4",
                                                                   "modifiers.fast.window_size=2",

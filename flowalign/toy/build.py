@@ -26,12 +26,14 @@ def build_all(quick: bool = False, out: Path | None = None, seed: int = 0, print
 
     ``out`` writes everything under one folder instead of the shipped locations.
     """
+    from ..rewards.toy.classifier import MEMBERS
     from .clip import train_clip
     from .digits_flow import FlowTrainConfig, train_digits_flow
     from .train_classifier import train_classifier
     from .train_preference import train_preference
 
-    targets = {"digits": DIGITS_WEIGHTS, "classifier": REWARD_WEIGHTS / "classifier", "clip": REWARD_WEIGHTS / "clip",
+    targets = {"digits": DIGITS_WEIGHTS, "classifier": REWARD_WEIGHTS / "classifier",
+               "classifier_members": REWARD_WEIGHTS / "classifier_members", "clip": REWARD_WEIGHTS / "clip",
                "preference": REWARD_WEIGHTS / "preference", "video": VIDEO_WEIGHTS, "music": MUSIC_WEIGHTS}
     if out is not None:
         targets = {name: Path(out) / name for name in targets}
@@ -43,6 +45,10 @@ def build_all(quick: bool = False, out: Path | None = None, seed: int = 0, print
         acc = train_classifier(tmp / "classifier", steps=steps["classifier"], seed=seed)
         print_fn(f"classifier: held-out accuracy {acc:.3f}")
         _replace(tmp / "classifier", targets["classifier"])
+        for member in range(1, MEMBERS + 1):  # the same classifier, other seeds: an ensemble's members
+            acc = train_classifier(tmp / "members" / f"seed{member}", steps=steps["classifier"], seed=seed + member)
+            print_fn(f"classifier member {member}: held-out accuracy {acc:.3f}")
+        _replace(tmp / "members", targets["classifier_members"])
         zero_shot = train_clip(tmp / "clip", steps=steps["clip"], seed=seed)
         print_fn(f"tiny CLIP: held-out zero-shot accuracy {zero_shot:.3f}")
         _replace(tmp / "clip", targets["clip"])

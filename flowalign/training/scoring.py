@@ -121,5 +121,5 @@ class OverlappedScoring:
             self.pool.shutdown(wait=True, cancel_futures=True)
         batch.media = torch.cat(self.media)
         raw = {name: torch.cat([p[name] for p in parts]) for name in self.trainer.reward.parts}
-        batch.rewards = self.trainer.reward.combine(raw)
+        batch.rewards = self.trainer.reward.combine(raw, self.trainer.acc.gather)
         batch.reward_parts = raw if all(torch.isfinite(v).all() for v in raw.values()) else {}

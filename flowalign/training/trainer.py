@@ -58,8 +58,8 @@ class Trainer:
         self.gen = load_generator(cfg.model.name, cfg.model.dtype, device=str(self.acc.device),
                                   local_files_only=cfg.model.local_files_only, **cfg.model.options)
         self.prompt_cache = place_text_encoders(self.gen, t.text_encoders, t.cache_prompts, t.prompt_embeds)
-        self.reward = reward_lib.load_weighted(cfg.reward.weights, cfg.reward.normalize,
-                                               **cfg.reward.options).to(self.acc.device)
+        self.reward = reward_lib.load_weighted(cfg.reward.weights, cfg.reward.normalize, cfg.reward.objective,
+                                               cfg.reward.penalty, **cfg.reward.options).to(self.acc.device)
         self.reward.requires_grad_(False)  # frozen: kept out of accelerate's prepare
         self.lora = t.lora_rank > 0
         self._prepare_policy()
@@ -140,7 +140,7 @@ class Trainer:
         (``skip``: the samples it fails on are NaN and get advantage 0; see ``scoring.guarded_scores``)."""
         self.decode(batch)
         raw = guarded_scores(self, batch.media, batch.leaf_prompts, batch.leaf_metadata(), batch.iteration)
-        batch.rewards = self.reward.combine(raw)
+        batch.rewards = self.reward.combine(raw, self.acc.gather)
         batch.reward_parts = raw if all(bool(torch.isfinite(v).all()) for v in raw.values()) else {}
 
     def gathered(self, local: torch.Tensor, batch: IterationBatch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,6 +11,9 @@ from . import WEIGHTS
 from .digits import target_digits
 from .saved_model import SavedModel
 
+#: Classifiers trained with seeds 1..MEMBERS besides the shipped one (seed 0), for reward-ensemble demos.
+MEMBERS = 3
+
 
 class DigitClassifier(SavedModel):
     """Grey images ``[B,1,16,16]`` in [-1,1] -> logits over the ten digits."""
@@ -57,17 +60,22 @@ class DigitClassifierReward(Reward):
     """Probability the classifier gives to the prompted digit (differentiable).
 
     ``crop`` (a fraction of the frame) first crops around the ink centroid: 0.5 reads the 8x8 digit of a
-    moving-digits video frame (16x16), which the classifier alone, trained on full-frame digits, cannot."""
+    moving-digits video frame (16x16), which the classifier alone, trained on full-frame digits, cannot.
+    ``member`` 1 to 3 judges with another classifier of the same architecture trained on the same digits with
+    seed 1 to 3 (an ensemble's members; 0 is the shipped one)."""
 
     name = "toy/classifier"
     differentiable = True
     input_spec = InputSpec(range=(0.0, 1.0), layout="BCHW", size=(16, 16))
 
-    def __init__(self, path: str | Path | None = None, crop: float | None = None):
+    def __init__(self, path: str | Path | None = None, crop: float | None = None, member: int = 0):
         super().__init__()
         if crop is not None and not 0 < crop <= 1:
             raise ValueError(f"{self.name}: crop must be a fraction in (0, 1], got {crop}")
-        self.model = DigitClassifier.from_pretrained(path or WEIGHTS / "classifier").requires_grad_(False)
+        if member not in range(MEMBERS + 1) or (member and path):
+            raise ValueError(f"{self.name}: member must be 0 to {MEMBERS} (and no path with a member), got {member}")
+        path = path or (WEIGHTS / "classifier_members" / f"seed{member}" if member else WEIGHTS / "classifier")
+        self.model = DigitClassifier.from_pretrained(path).requires_grad_(False)
         self.crop = crop
 
     def view(self, media: torch.Tensor) -> torch.Tensor:
@@ -101,8 +109,8 @@ class BoldDigitReward(DigitClassifierReward):
 
     name = "toy/bold_digit"
 
-    def __init__(self, path=None, target_ink: float = 0.45, crop: float | None = None):
-        super().__init__(path, crop)
+    def __init__(self, path=None, target_ink: float = 0.45, crop: float | None = None, member: int = 0):
+        super().__init__(path, crop, member)
         self.target_ink = target_ink
 
     def _score(self, media, prompts, metadata):
