@@ -40,6 +40,11 @@ CASES = {
     "mix_grpo": ("configs/toy/digits_mix_grpo.yaml", ["mix_grpo.group_size=4", "mix_grpo.window_size=2",
                                                      "train.updates_per_iteration=1"]),
     "dr_grpo": ("configs/toy/digits_dr_grpo.yaml", ["dr_grpo.group_size=4", "train.updates_per_iteration=1"]),
+    # GARDO: the gate ranks the gathered batch, the KL is a mean over every process's gated transitions, the
+    # diversity comes from gathered features (resets: tests/test_gardo.py)
+    "gardo": ("configs/toy/digits_uncapped_gardo.yaml", ["flow_grpo.group_size=4", "train.updates_per_iteration=1",
+                                                        "monitor.every=0", "modifiers.gardo.gate_fraction=0.2",
+                                                        "modifiers.gardo.beta=1"]),
     # an ensemble's worst case over members z-scored with the whole batch's statistics (all processes)
     "ensemble": ("configs/toy/digits_flow_grpo.yaml", ["flow_grpo.group_size=4", "train.updates_per_iteration=1",
                                                       "reward.weights={toy/bold_digit: 1, toy/ink: 1}",

@@ -76,7 +76,21 @@ class Modifier:
               modifiers: dict[str, Any]) -> None:
         """Rules beyond ``combines_with`` (ConfigError)."""
 
+    def setup(self, trainer) -> None:
+        """Build what the modifier keeps across iterations (a reference copy), once the trainer is ready."""
+
+    def extra_state(self, trainer) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Weights (name-prefixed) and plain values (JSON) to checkpoint."""
+        return {}, {}
+
+    def load_extra_state(self, trainer, weights: dict[str, Any], values: dict[str, Any]) -> None:
+        """Restore what ``extra_state`` saved."""
+
     # ---- hooks of the policy-gradient family (trainers call every modifier's; defaults change nothing)
+
+    def leaf_advantages(self, trainer, batch, rewards, groups, valid):
+        """Every leaf's advantage (the gathered order, ``[L]``) in place of the method's, or None."""
+        return None
 
     def noise_schedule(self, schedule):
         """The SDE noise schedule the rollouts and log-probs use (CPS swaps it)."""

@@ -136,6 +136,9 @@ class PolicyGradientTrainer(Trainer):
             parts = {k: self.gathered(v, batch)[0][valid] for k, v in batch.reward_parts.items()} \
                 if self.cfg.reward.aggregate == "advantage" else None
             adv[valid] = self.method.leaf_advantages(all_rewards[valid], groups[valid], parts, self.reward.weights)
+        for modifier in self.modifiers:  # e.g. GARDO: diversity-aware advantages
+            shaped = modifier.leaf_advantages(self, batch, all_rewards, groups, valid)
+            adv = adv if shaped is None else shaped
         batch.all_rewards, batch.leaf_advantages = all_rewards, adv[position]
         batch.advantages = self.method.credit(batch.rollout, batch.leaf_advantages, batch.rewards)
 

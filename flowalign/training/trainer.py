@@ -67,6 +67,8 @@ class Trainer:
         # what Ctrl-C waits for; the iteration count of the newest checkpoint (every process) and its path (main)
         self.activity, self.saved_iteration, self.saved = "iteration 0", None, None
         self.method.setup(self)
+        for modifier in self.modifiers:
+            modifier.setup(self)
         self.monitor = HackingMonitor(self) if cfg.monitor.every else None
         if self.acc.is_main_process:
             self.acc.init_trackers("flowalign")
@@ -281,20 +283,30 @@ class Trainer:
             raise NonFiniteLoss(f"the weights are not finite after iteration {self.iteration - 1}")
         weights = trainable_state(self.gen.trainable_module, self.lora, self._gathered_state())
         policy_optimizer = full_optimizer_state(self.gen.wrapped_module, self.optimizer)  # a collective
-        extra_weights, extra_optimizers = self.method.extra_state(self)
+        extra_weights, extra_optimizers, modifier_values = self._extra_state()
         path = None
         if self.acc.is_main_process:
             ema = {f"ema.{i}": p for i, p in enumerate(self.ema.shadow_params)} if self.ema else None
             optimizers = {"policy": policy_optimizer, **extra_optimizers}
             state = {"history": self.history, "method": self.cfg.method, "num_processes": self.acc.num_processes,
                      "reward_normalization": self.reward.normalization_state(),
-                     "monitor": self.monitor.state() if self.monitor is not None else None}
+                     "monitor": self.monitor.state() if self.monitor is not None else None,
+                     "modifiers": modifier_values}
             path = ckpt.save_checkpoint(self.out / "checkpoints", self.iteration, {**weights, **extra_weights},
                                         optimizers, state, ema, self.t.checkpoints_total_limit,
                                         ckpt.shaping_config(self.cfg, self.gen.lora_target_modules))
         self.acc.wait_for_everyone()
         self.saved_iteration, self.saved = self.iteration, path  # on every process: a stop decides alike
         return path
+
+    def _extra_state(self) -> tuple[dict, dict, dict]:
+        """What the method and the modifiers keep beside the policy: weights, optimizer states, modifiers' values."""
+        weights, optimizers = self.method.extra_state(self)
+        values = {}
+        for modifier in self.modifiers:
+            more, values[modifier.name] = modifier.extra_state(self)
+            weights = {**weights, **more}
+        return weights, optimizers, values
 
     def _gathered_state(self) -> dict[str, torch.Tensor] | None:
         """The full state dict under FSDP / DeepSpeed (a collective); None where the module holds it whole."""
@@ -317,13 +329,15 @@ class Trainer:
         if state["iteration"] > self.t.iterations:
             raise FlowalignError(f"{path}: holds {state['iteration']} iterations, more than this run's "
                                  f"train.iterations ({self.t.iterations})")
-        extra = self.method.extra_state(self)[0]
+        extra = self._extra_state()[0]
         extra_names = set(extra)
         current = {**trainable_shapes(self.gen.trainable_module, self.lora),
                    **{k: tuple(v.shape) for k, v in extra.items()}}
         ckpt.check_fits(path, weights, current, ckpt.read_manifest_config(path),
                         ckpt.shaping_config(self.cfg, self.gen.lora_target_modules))
         self.method.load_extra_state(self, {k: v for k, v in weights.items() if k in extra_names}, optimizers)
+        for modifier in self.modifiers:
+            modifier.load_extra_state(self, weights, state.get("modifiers", {}).get(modifier.name, {}))
         load_trainable_state(self.gen.trainable_module, {k: v.to(self.acc.device) for k, v in weights.items()
                                                          if k not in extra_names}, self.lora)
         load_full_optimizer_state(self.gen.wrapped_module, self.optimizer, optimizers["policy"])
