@@ -6,8 +6,10 @@ Every defence trains Flow-GRPO for the same budget (its config's 40 iterations o
 trained policy and the base model sample the same held-out prompts x 2 seeds, and each run is measured on what
 the plain run optimises (the uncapped bold-digit reward and the mean ink) and on what no run optimises: the
 held-out digit accuracy of the second judge (``toy/judge_digit``), the per-prompt diversity (pixel Vendi score
-over the 2 seeds) and the mean distance to the base model's samples. Writes ``benchmarks/results/hacking.json``;
-``python -m benchmarks.figures`` renders the README's table from it.
+over the 2 seeds) and the mean distance to the base model's samples. Writes ``benchmarks/results/hacking.json``
+(``python -m benchmarks.figures`` renders the README's table from it) and ``docs/images/hacking.png``: the
+first 12 held-out prompts drawn by the base model and by each defence's first training seed, on the same
+initial noise.
 """
 from __future__ import annotations
 
@@ -20,8 +22,11 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results" / "hacking.json"
+GRID = Path(__file__).resolve().parents[1] / "docs" / "images" / "hacking.png"
+STRIPS = Path("outputs/bench_hacking/strips.pt")  # each defence's samples for the grid, kept between --only runs
 UNCAPPED = "configs/toy/digits_uncapped_flow_grpo.yaml"
 QUIET = ["monitor.every=0", "train.eval_prompts=0", "train.checkpoint_every=0"]
+TWO_REWARDS = ["reward.weights={toy/bold_digit: 1, toy/clipscore: 1}"]
 #: name -> (config, overrides)
 DEFENCES = {
     "Flow-GRPO, no defence": (UNCAPPED, []),
@@ -33,6 +38,9 @@ DEFENCES = {
                                                 ["reward.objective=uncertainty_weighted"]),
     "GARDO (beta 0.04)": ("configs/toy/digits_uncapped_gardo.yaml", []),
     "GARDO, beta 0.4": ("configs/toy/digits_uncapped_gardo.yaml", ["modifiers.gardo.beta=0.4"]),
+    # two rewards that pull apart: more ink, and the toy CLIP score of the prompt (neither is the judge)
+    "bold + CLIP score, per-reward advantages summed": (UNCAPPED, [*TWO_REWARDS, "reward.aggregate=advantage"]),
+    "bold + CLIP score, MARBLE": (UNCAPPED, [*TWO_REWARDS, "reward.aggregate=marble"]),
 }
 
 
@@ -77,8 +85,32 @@ def run(name: str, seed: int, prompts: int) -> dict:
     trainer.fit(progress=False)
     seconds = time.perf_counter() - start
     policy, base, texts, meta = held_out(trainer, prompts)
+    strips = {"policy": policy[::2][:12].cpu(), "base": base[::2][:12].cpu(), "prompts": texts[::2][:12]}
     return {"seed": seed, "seconds": seconds, "after": measure(policy, base, texts, meta),
-            "base": measure(base, base, texts, meta)}
+            "base": measure(base, base, texts, meta)}, strips
+
+
+def draw(strips: dict[str, dict], path: Path) -> None:
+    """One row per model: the base, then each defence; the same prompts and initial noise in every column."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from torchvision.utils import make_grid
+
+    first = next(iter(strips.values()))
+    rows = {"base model": first["base"], **{name: s["policy"] for name, s in strips.items()}}
+    fig, axes = plt.subplots(len(rows), 1, figsize=(9, 0.95 * len(rows) + 0.4))
+    for ax, (name, media) in zip(axes, rows.items()):
+        grid = make_grid(media.float().clamp(0, 1), nrow=len(media), padding=1, pad_value=1.0)
+        ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
+        ax.set_title(name, fontsize=9, loc="left")
+        ax.axis("off")
+    fig.suptitle("held-out prompts: " + ", ".join(p.split()[-1] for p in first["prompts"]), fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def summary(runs: list[dict]) -> dict[str, float]:
@@ -96,10 +128,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", nargs="+", default=None, help="defence names (default: all)")
     parser.add_argument("--prompts", type=int, default=32, help="held-out prompts (each sampled with 2 seeds)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(torch.get_num_threads())
     data = json.loads(RESULTS.read_text()) if RESULTS.exists() and args.only else {"defences": {}}
+    strips = {}
     for name in args.only or DEFENCES:
-        runs = [run(name, seed, args.prompts) for seed in args.seeds]
+        runs = []
+        for seed in args.seeds:
+            result, strip = run(name, seed, args.prompts)
+            runs.append(result)
+            strips.setdefault(name, strip)
         data["defences"][name] = {"config": DEFENCES[name][0], "overrides": DEFENCES[name][1], "runs": runs,
                                   **summary(runs)}
         s = data["defences"][name]
@@ -109,6 +145,11 @@ def main(argv: list[str] | None = None) -> None:
     data.update(command="python -m benchmarks.hacking", seeds=args.seeds, prompts=args.prompts,
                 threads=torch.get_num_threads())
     RESULTS.write_text(json.dumps(data, indent=1) + "\n")
+    if STRIPS.exists():
+        strips = {**torch.load(STRIPS, weights_only=True), **strips}
+    STRIPS.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(strips, STRIPS)
+    draw({name: strips[name] for name in DEFENCES if name in strips}, GRID)
 
 
 if __name__ == "__main__":

@@ -33,9 +33,10 @@ def check_run(cfg: RunConfig, where: str = "config") -> None:
             modifier.check(options, cfg.method, cfg.options, t, cfg.modifiers)
         if not t.cfg and t.guidance != 1.0 and not method.guided_rollouts:
             raise ConfigError("train.cfg=false trains the conditional velocity: it needs train.guidance=1")
-        if cfg.reward.aggregate == "advantage" and method.family != "policy_gradient":
-            raise ConfigError(f"reward.aggregate=advantage normalises each reward within its groups' advantages: "
-                              f"method {cfg.method} has none (use reward.aggregate=reward)")
+        if cfg.reward.aggregate != "reward" and method.family != "policy_gradient":
+            raise ConfigError(f"reward.aggregate={cfg.reward.aggregate} normalises each reward within its groups' "
+                              f"advantages: method {cfg.method} has none (use reward.aggregate=reward)")
+        check_marble(cfg.reward)
         if cfg.reward.on_error == "skip" and not method.skips_failed_samples:
             raise ConfigError(f"reward.on_error=skip: method {cfg.method} cannot train around skipped samples yet "
                               "(use reward.on_error=stop)")
@@ -73,6 +74,22 @@ def check_ensemble(reward) -> None:
         raise ConfigError(f"{what}: reward.weights are the members' shares, expected each above 0")
     if reward.objective == "worst_case" and len(set(reward.weights.values())) > 1:
         raise ConfigError(f"{what} takes the smallest member score: give every member the same weight")
+
+
+def check_marble(reward) -> None:
+    """MARBLE balances two or more rewards' own advantages, each needing every sample's score."""
+    if reward.aggregate != "marble":
+        return
+    if len(reward.weights) < 2:
+        raise ConfigError("reward.aggregate=marble balances several rewards: reward.weights names one")
+    if any(w <= 0 for w in reward.weights.values()):
+        raise ConfigError("reward.aggregate=marble: reward.weights are the starting balance, expected each above 0")
+    if reward.on_error != "stop":
+        raise ConfigError("reward.aggregate=marble needs every reward's score of every sample: use "
+                          "reward.on_error=stop")
+    if reward.objective != "weighted_sum":
+        raise ConfigError("reward.aggregate=marble balances the rewards itself: leave reward.objective at "
+                          "weighted_sum")
 
 
 def check_training(cfg: RunConfig, num_processes: int) -> None:

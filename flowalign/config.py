@@ -62,8 +62,13 @@ class RewardConfig:
         "weighted_sum", doc="the weighted sum of the rewards, or a conservative objective over them as an ensemble's "
         "members (normalised each): their mean, mean - penalty x variance, or the smallest")
     penalty: float = bounded(0.5, min=0.0, doc="uncertainty_weighted: the weight of the members' variance (lambda)")
-    #: ``reward``: z-score the weighted sum; ``advantage``: z-score each reward, then sum (MixGRPO).
-    aggregate: Literal["reward", "advantage"] = "reward"
+    #: ``reward``: z-score the weighted sum; ``advantage``: z-score each reward, then sum (MixGRPO); ``marble``:
+    #: each reward's advantages balanced by their gradients (MARBLE).
+    aggregate: Literal["reward", "advantage", "marble"] = "reward"
+    marble_momentum: float = bounded(0.9, min=0.0, max=1.0, doc="marble: the smoothing ρ of the rewards' weights "
+                                     "(ᾱ ← ρ·ᾱ + (1-ρ)·α*)")
+    marble_every: int = bounded(1, min=1, doc="marble: iterations between refreshes of the weights (each costs one "
+                                            "pass over the iteration's transitions per reward)")
     #: A reward that fails (raises, NaN, times out): ``stop`` the run, or ``skip`` the affected samples.
     on_error: Literal["stop", "skip"] = "stop"
     timeout_s: float = bounded(600.0, min=0.0, doc="seconds a reward call may take before it counts as failed (0: "

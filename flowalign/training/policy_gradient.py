@@ -21,6 +21,7 @@ from ..samplers.rollout import Node, Rollout, concat_rollouts, flatten_plan, gro
 from ..seeds import derive_seed
 from .batch import IterationBatch
 from .lora import adapters_disabled
+from .marble import GradientBalance
 from .trainer import NonFiniteLoss, Trainer
 
 
@@ -33,6 +34,9 @@ class PolicyGradientTrainer(Trainer):
         for modifier in self.modifiers:
             schedule = modifier.noise_schedule(schedule)
         self.schedule = schedule
+        r = cfg.reward
+        self.balance = GradientBalance(r.weights, r.marble_momentum, r.marble_every) if r.aggregate == "marble" \
+            else None
 
     # ------------------------------------------------------------------ sampling
 
@@ -134,8 +138,15 @@ class PolicyGradientTrainer(Trainer):
         adv = torch.zeros_like(all_rewards)
         if bool(valid.any()):
             parts = {k: self.gathered(v, batch)[0][valid] for k, v in batch.reward_parts.items()} \
-                if self.cfg.reward.aggregate == "advantage" else None
-            adv[valid] = self.method.leaf_advantages(all_rewards[valid], groups[valid], parts, self.reward.weights)
+                if self.cfg.reward.aggregate != "reward" else None
+            if self.balance is not None:  # MARBLE: each reward's own advantages, combined in ``update``
+                per_reward = {k: torch.zeros_like(all_rewards).index_put((valid,), self.method.leaf_advantages(
+                    p, groups[valid])) for k, p in parts.items()}
+                batch.extras["marble"] = {k: a[position] for k, a in per_reward.items()}
+                adv = sum(c * per_reward[k] for k, c in self.balance.coefficients().items())
+            else:
+                adv[valid] = self.method.leaf_advantages(all_rewards[valid], groups[valid], parts,
+                                                         self.reward.weights)
         for modifier in self.modifiers:  # e.g. GARDO: diversity-aware advantages
             shaped = modifier.leaf_advantages(self, batch, all_rewards, groups, valid)
             adv = adv if shaped is None else shaped
@@ -151,6 +162,7 @@ class PolicyGradientTrainer(Trainer):
             modifier.prepare(self, batch)
         stats: dict[str, list[torch.Tensor]] = {}
         old_logp = rollout.logp if o.old_logp == "rollout" else self.recompute_logp(batch)
+        balance = self._balance(batch, old_logp) if self.balance is not None else {}
         trained = self.method.trained(rollout, batch.advantages, batch.iteration)
         signal = (batch.advantages != 0).cpu() if o.drop_zero_advantage else None
         kept = _all_of(trained, signal)
@@ -174,7 +186,32 @@ class PolicyGradientTrainer(Trainer):
                 grad_norm = self.optimizer_step()
                 if grad_norm is not None:
                     stats.setdefault("grad_norm", []).append(grad_norm)
-        return {**{k: torch.stack(v).float().mean().item() for k, v in stats.items()}, **counts}
+        return {**{k: torch.stack(v).float().mean().item() for k, v in stats.items()}, **counts, **balance}
+
+    def _balance(self, batch: IterationBatch, old_logp: torch.Tensor) -> dict[str, float]:
+        """MARBLE: refresh the rewards' weights from their gradients when due, then train on the combined
+        advantage (``marble.py``); returns the weights, logged."""
+        per_leaf = batch.extras["marble"]
+        if self.balance.due(batch.iteration):
+            self.balance.update({k: self._full_gradient(batch, old_logp, self.method.credit(
+                batch.rollout, a, batch.rewards)) for k, a in per_leaf.items()})
+        c = self.balance.coefficients()
+        batch.leaf_advantages = sum(c[k] * a for k, a in per_leaf.items())
+        batch.advantages = self.method.credit(batch.rollout, batch.leaf_advantages, batch.rewards)
+        return {f"marble/{k}": a for k, a in self.balance.alpha.items()}
+
+    def _full_gradient(self, batch: IterationBatch, old_logp: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
+        """The policy loss's gradient (flat) over every process's transitions with ``advantages``; no update."""
+        n, device = batch.rollout.num_transitions, batch.rollout.x.device
+        total = torch.zeros(sum(p.numel() for p in self.params), device=device)
+        with self.acc.no_sync(self.gen.wrapped_module):
+            for start in range(0, n, self.t.train_batch):
+                idx = torch.arange(start, min(start + self.t.train_batch, n), device=device)
+                loss = self._policy_loss(batch, idx, old_logp[idx], advantages[idx])[0] * len(idx)
+                grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+                total += torch.cat([(torch.zeros_like(p) if g is None else g).flatten()
+                                    for g, p in zip(grads, self.params)])
+        return self.acc.reduce(total, "sum") / self.acc.reduce(torch.tensor(float(n), device=device), "sum")
 
     def _accumulate(self, batch: IterationBatch, chunk: torch.Tensor, old_logp: torch.Tensor,
                     stats: dict[str, list[torch.Tensor]]) -> None:
@@ -200,7 +237,18 @@ class PolicyGradientTrainer(Trainer):
 
     def loss(self, batch: IterationBatch, idx: torch.Tensor, old_logp: torch.Tensor):
         """The method's clipped-ratio loss on transitions ``idx`` plus the modifiers' terms, and its statistics."""
-        rollout, adv = batch.rollout, batch.advantages[idx]
+        loss, stats, v, out = self._policy_loss(batch, idx, old_logp, batch.advantages[idx])
+        for modifier in self.modifiers:
+            term = modifier.loss_term(self, batch, idx, v, out)
+            if term is not None:
+                loss = loss + term[0]
+                stats.update(term[1])
+        stats["policy_loss"] = loss.detach()
+        return loss, stats
+
+    def _policy_loss(self, batch: IterationBatch, idx: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor):
+        """The clipped-ratio loss alone on transitions ``idx`` with advantages ``adv``: (loss, stats, v, step)."""
+        rollout = batch.rollout
         v = self.velocity(batch, idx)
         out = step(v, rollout.x[idx], rollout.sigma[idx], rollout.sigma_next[idx], schedule=self.schedule,
                    prev_sample=rollout.x_next[idx], noise_scale=rollout.scale[idx])
@@ -211,14 +259,7 @@ class PolicyGradientTrainer(Trainer):
             weights, divisor = (1 / divisor if weights is None else weights / divisor), 1.0
         loss, stats = clipped_policy_loss(out.logp, old_logp, adv, self.method.clip_bound(adv),
                                           self.method.options.adv_clip, weights=weights, log_ratio=log_ratio)
-        loss = loss / divisor
-        for modifier in self.modifiers:
-            term = modifier.loss_term(self, batch, idx, v, out)
-            if term is not None:
-                loss = loss + term[0]
-                stats.update(term[1])
-        stats["policy_loss"] = loss.detach()
-        return loss, stats
+        return loss / divisor, stats, v, out
 
     def velocity(self, batch: IterationBatch, idx: torch.Tensor, reference: bool = False) -> torch.Tensor:
         """The policy's velocity at stored transitions (guided when ``train.cfg``); ``reference``: LoRA off."""

@@ -62,6 +62,7 @@ class Trainer:
                                                cfg.reward.penalty, **cfg.reward.options).to(self.acc.device)
         self.reward.requires_grad_(False)  # frozen: kept out of accelerate's prepare
         self.lora = t.lora_rank > 0
+        self.balance = None  # MARBLE's reward weights (reward.aggregate: marble; the policy-gradient trainer)
         self._prepare_policy()
         self.iteration, self.history = 0, []
         # what Ctrl-C waits for; the iteration count of the newest checkpoint (every process) and its path (main)
@@ -291,7 +292,7 @@ class Trainer:
             state = {"history": self.history, "method": self.cfg.method, "num_processes": self.acc.num_processes,
                      "reward_normalization": self.reward.normalization_state(),
                      "monitor": self.monitor.state() if self.monitor is not None else None,
-                     "modifiers": modifier_values}
+                     "modifiers": modifier_values, "reward_balance": self.balance.state() if self.balance else None}
             path = ckpt.save_checkpoint(self.out / "checkpoints", self.iteration, {**weights, **extra_weights},
                                         optimizers, state, ema, self.t.checkpoints_total_limit,
                                         ckpt.shaping_config(self.cfg, self.gen.lora_target_modules))
@@ -345,6 +346,8 @@ class Trainer:
             for i, p in enumerate(self.ema.shadow_params):
                 p.copy_(ema[f"ema.{i}"])
         self.reward.load_normalization_state(state.get("reward_normalization", {}))
+        if self.balance is not None:
+            self.balance.load_state(state.get("reward_balance") or {})
         if self.monitor is not None and state.get("monitor"):
             self.monitor.load_state(state["monitor"])
         self.iteration, self.history = state["iteration"], state["history"]
