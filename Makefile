@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/flowalign train configs/toy/digits_flow_grpo.yaml
+	$(BIN)/flowalign train configs/toy/digits_flow_grpo.yaml monitor.every=10
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

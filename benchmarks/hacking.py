@@ -5,8 +5,9 @@
 Every defence trains Flow-GRPO for the same budget (its config's 40 iterations of 8 prompts x 8); then the
 trained policy and the base model sample the same held-out prompts x 2 seeds, and each run is measured on what
 the plain run optimises (the uncapped bold-digit reward and the mean ink) and on what no run optimises: the
-held-out digit accuracy of the second judge (``toy/judge_digit``), the per-prompt diversity (pixel Vendi score
-over the 2 seeds) and the mean distance to the base model's samples. Writes ``benchmarks/results/hacking.json``
+held-out digit accuracy of the second judge (``toy/judge_digit``), the toy CLIP score of the prompt (which
+the two-reward rows train on), the per-prompt diversity (pixel Vendi score over the 2 seeds) and the mean
+distance to the base model's samples. Writes ``benchmarks/results/hacking.json``
 (``python -m benchmarks.figures`` renders the README's table from it) and ``docs/images/hacking.png``: the
 first 12 held-out prompts drawn by the base model and by each defence's first training seed, on the same
 initial noise.
@@ -69,7 +70,8 @@ def measure(media: torch.Tensor, base: torch.Tensor, texts: list, meta: list) ->
 
     score = lambda name, **kw: rewards.load(name, **kw).score(media, texts, meta).mean().item()  # noqa: E731
     return {"bold_uncapped": score("toy/bold_digit", target_ink=1.0), "ink": score("toy/ink"),
-            "judge": score("toy/judge_digit"), "diversity": per_prompt_diversity(media, 2),
+            "judge": score("toy/judge_digit"), "clipscore": score("toy/clipscore"),
+            "diversity": per_prompt_diversity(media, 2),
             "distance_to_base": (media.float() - base.float()).abs().mean().item()}
 
 
@@ -140,6 +142,7 @@ def main(argv: list[str] | None = None) -> None:
                                   **summary(runs)}
         s = data["defences"][name]
         print(f"{name}: ink {s['base_ink']:.3f} -> {s['ink']:.3f}, judge {s['base_judge']:.3f} -> {s['judge']:.3f}, "
+              f"CLIP score {s['base_clipscore']:.1f} -> {s['clipscore']:.1f}, "
               f"diversity {s['base_diversity']:.3f} -> {s['diversity']:.3f}, distance {s['distance_to_base']:.3f}",
               flush=True)
     data.update(command="python -m benchmarks.hacking", seeds=args.seeds, prompts=args.prompts,

@@ -6,7 +6,7 @@ import torch
 from flowalign.app.runs import read_run
 from flowalign.config import ConfigError, load_config
 from flowalign.training import make_trainer
-from flowalign.training.monitor import per_prompt_diversity
+from flowalign.training.monitor import monitor_summary, per_prompt_diversity
 from flowalign.training.run import train
 
 UNCAPPED = "configs/toy/digits_uncapped_flow_grpo.yaml"
@@ -37,6 +37,17 @@ def test_alarm_rule_by_hand(tmp_path):
     diverse = make_trainer(load_config(UNCAPPED, [*only_judge, f"output_dir={tmp_path / 'd'}"])).monitor
     diverse.check(first, -1)
     assert "diversity fell" in diverse.check({**first, "monitor/reward": 0.9, "monitor/diversity": 1.1}, 4)
+
+
+def test_the_summary_line_by_hand():
+    """The last line of a monitored run: alarm or not, each guard from before training to the last evaluation."""
+    first = {"monitor/reward": 0.3, "monitor/toy/clipscore": 73.0, "monitor/diversity": 1.305}
+    history = [{"iteration": 0}, {"iteration": 9, "monitor/reward": 0.5, "monitor/toy/clipscore": 71.4,
+                                  "monitor/diversity": 1.25}]
+    assert monitor_summary(first, history, None) == ("monitor: no alarm over 1 evaluations (reward 0.3 -> 0.5, "
+                                                     "toy/clipscore 73 -> 71.4, diversity 1.3 -> 1.25)")
+    assert monitor_summary(first, history, "fell").startswith("monitor: alarm over 1 evaluations")
+    assert monitor_summary(None, [], None) == "monitor: no evaluation"
 
 
 def test_bad_monitor_settings_are_one_line_errors(tmp_path):

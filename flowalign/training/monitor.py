@@ -106,3 +106,14 @@ def per_prompt_diversity(media: torch.Tensor, per_prompt: int) -> float:
     flat = media.float().flatten(1)
     groups = (flat - flat.mean(dim=1, keepdim=True)).view(-1, per_prompt, flat.shape[1])
     return vendi_score(groups).mean().item()
+
+
+def monitor_summary(first: dict[str, float] | None, history: list[dict], alarm: str | None) -> str:
+    """One line: alarm or not, and each guard from the evaluation before training to the last."""
+    evaluations = [h for h in history if "monitor/reward" in h]
+    if first is None or not evaluations:
+        return "monitor: no evaluation"
+    last = evaluations[-1]
+    moves = ", ".join(f"{k.removeprefix('monitor/')} {first[k]:.3g} -> {last[k]:.3g}" for k in last
+                      if k.startswith("monitor/") and k != "monitor/alarm" and k in first)
+    return f"monitor: {'alarm' if alarm else 'no alarm'} over {len(evaluations)} evaluations ({moves})"

@@ -6,6 +6,7 @@ from pathlib import Path
 from ..config import RunConfig, load_config
 from ..errors import FlowalignError
 from . import make_trainer
+from .monitor import monitor_summary
 from .report import evaluate_policy, heldout_prompts, write_report
 from .scoring import GuardedEvaluation
 
@@ -33,6 +34,8 @@ def train(config: str | Path | RunConfig | None = None, overrides: list[str] = (
             print_fn(f"reward on {len(prompts)} held-out prompts and seeds: {metrics['reward_before']:.4f} -> "
                      f"{metrics['reward_after']:.4f}{_skipped(metrics)}; report in "
                      f"{Path(cfg.output_dir) / 'report'}, LoRA in {final}")
+            if trainer.monitor is not None:
+                print_fn(monitor_summary(trainer.monitor.first, history, trainer.monitor.alarm))
     except OSError as err:
         raise FlowalignError(f"could not write {err.filename or cfg.output_dir}: {err.strerror or err} (the "
                              f"checkpoints under {trainer.out / 'checkpoints'} are intact)") from None
