@@ -33,9 +33,12 @@ def check_run(cfg: RunConfig, where: str = "config") -> None:
             modifier.check(options, cfg.method, cfg.options, t, cfg.modifiers)
         if not t.cfg and t.guidance != 1.0 and not method.guided_rollouts:
             raise ConfigError("train.cfg=false trains the conditional velocity: it needs train.guidance=1")
-        if cfg.reward.aggregate != "reward" and method.family != "policy_gradient":
-            raise ConfigError(f"reward.aggregate={cfg.reward.aggregate} normalises each reward within its groups' "
-                              f"advantages: method {cfg.method} has none (use reward.aggregate=reward)")
+        if cfg.reward.aggregate == "advantage" and method.family != "policy_gradient":
+            raise ConfigError(f"reward.aggregate=advantage normalises each reward within its groups' advantages: "
+                              f"method {cfg.method} has none (use reward.aggregate=reward)")
+        if cfg.reward.aggregate == "marble" and not method.balances_rewards:
+            raise ConfigError(f"reward.aggregate=marble balances rewards through a loss linear in each sample's "
+                              f"advantage: method {cfg.method}'s is not (the GRPO family, diffusion_nft and awm's are)")
         check_marble(cfg.reward)
         if cfg.reward.on_error == "skip" and not method.skips_failed_samples:
             raise ConfigError(f"reward.on_error=skip: method {cfg.method} cannot train around skipped samples yet "

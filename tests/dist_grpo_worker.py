@@ -86,6 +86,11 @@ CASES = {
                                                                 "train.train_batch=64"]),
     "awm": ("configs/toy/digits_awm.yaml", ["awm.group_size=4", "awm.fm_draws=2", "train.updates_per_iteration=1",
                                             "train.train_batch=64"]),
+    # MARBLE on DiffusionNFT (the paper's base): each reward's gradient over every process's points
+    "marble_nft": ("configs/toy/digits_diffusion_nft.yaml", ["diffusion_nft.group_size=4", "diffusion_nft.fm_draws=3",
+                                                            "train.updates_per_iteration=1", "train.train_batch=64",
+                                                            "reward.weights={toy/bold_digit: 1, toy/ink: 1}",
+                                                            "reward.aggregate=marble"]),
     # DGPO: whole groups per process (a group's weight sums over its members), noise keyed by group and draw
     "dgpo": ("configs/toy/digits_dgpo.yaml", ["dgpo.group_size=4", "dgpo.fm_draws=2", "dgpo.trunc_steps=3",
                                               "dgpo.switch_ema_ref=0", "train.updates_per_iteration=1",

@@ -75,14 +75,46 @@ def test_the_update_is_the_balanced_gradient_and_serves_every_reward(tmp_path):
     assert metrics["marble/toy/bold_digit"] + metrics["marble/toy/clipscore"] == pytest.approx(1.0)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("method, config, normalised", [
+    ("diffusion_nft", "configs/toy/digits_diffusion_nft.yaml", True),
+    ("awm", "configs/toy/digits_awm.yaml", False)])
+def test_the_forward_process_methods_train_the_balanced_gradient(tmp_path, method, config, normalised):
+    """DiffusionNFT (the paper's base: its loss is affine in the optimality weight r, so r̄ = Σ c_k r_k / Σ c_k)
+    and AWM (linear in the advantage at the sampling policy): the one update's gradient is the balanced
+    combination of the rewards' own gradients (divided by Σ c_k for NFT) and agrees with each."""
+    no_kl = [f"{method}.kl_weight=0"] + (["awm.ema_weight=0"] if method == "awm" else [])
+    cfg = load_config(config, [
+        "reward.weights={toy/bold_digit: 1, toy/clipscore: 1}", "reward.options={toy/bold_digit: {target_ink: 1}}",
+        "reward.aggregate=marble", "reward.marble_momentum=0", "train.prompts_per_iteration=2",
+        f"{method}.group_size=4", f"{method}.fm_draws=2", "train.steps=4", "train.eval_prompts=0",
+        "train.updates_per_iteration=1", "train.iterations=1", "train.checkpoint_every=0", *no_kl,
+        f"output_dir={tmp_path}"])
+    trainer = make_trainer(cfg)
+    own, update = [], []
+    full_gradient, optimizer_step = trainer.full_gradient, trainer.optimizer_step
+    trainer.full_gradient = lambda *a: own.append(full_gradient(*a)) or own[-1]
+
+    def recording_step():
+        update.append(torch.cat([p.grad.detach().flatten() for p in trainer.params]))
+        return optimizer_step()
+
+    trainer.optimizer_step = recording_step
+    trainer.run_iteration(0)
+    c = list(trainer.balance.coefficients().values())
+    combined = (c[0] * own[0] + c[1] * own[1]) / (sum(c) if normalised else 1.0)
+    assert torch.allclose(update[0], combined, rtol=1e-3, atol=1e-3 * float(combined.abs().max()))
+    assert all(float(update[0] @ g) > 0 for g in own)
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["reward.aggregate=marble"], "reward.aggregate=marble balances several rewards: reward.weights names one"),
     (["reward.aggregate=marble", "reward.weights={toy/ink: 1, toy/size: 1}", "reward.on_error=skip"],
      "reward.aggregate=marble needs every reward's score of every sample: use reward.on_error=stop"),
     (["reward.aggregate=marble", "reward.weights={toy/ink: 1, toy/size: 0}"], "expected each above 0"),
-    (["reward.aggregate=marble", "reward.weights={toy/ink: 1, toy/size: 1}", "method=diffusion_nft",
-      "flow_grpo=null"], "reward.aggregate=marble normalises each reward within its groups' advantages: method "
-     "diffusion_nft has none"),
+    (["reward.aggregate=marble", "reward.weights={toy/ink: 1, toy/size: 1}", "method=dgpo", "flow_grpo=null"],
+     "reward.aggregate=marble balances rewards through a loss linear in each sample's advantage: method dgpo's is "
+     "not"),
 ])
 def test_bad_marble_settings_are_one_line_errors(tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message):

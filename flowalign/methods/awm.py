@@ -26,7 +26,7 @@ from ..training.shadow import ShadowWeights, ramp_decay
 from ..typed import bounded
 from . import register_method
 from .base import require
-from .flow_matching import FlowMatchingMethod, FlowMatchingOptions, group_scores, require_lora_for
+from .flow_matching import FlowMatchingMethod, FlowMatchingOptions, group_scores, require_lora_for, reward_group_scores
 
 
 @dataclass
@@ -58,6 +58,7 @@ class AWM(FlowMatchingMethod):
     paper = "arXiv 2509.25050"
     Options = AWMOptions
     skips_failed_samples = True  # a skipped sample weighs 0 in the loss
+    balances_rewards = True
 
     @classmethod
     def check(cls, options, train, modifiers) -> None:
@@ -78,8 +79,9 @@ class AWM(FlowMatchingMethod):
 
     def update(self, trainer, batch) -> dict[str, float]:
         o = self.options
+        scale = lambda a: a.clamp(-o.adv_clip, o.adv_clip) / o.adv_clip * o.advantage_max  # noqa: E731
         adv, valid = group_scores(trainer, batch, o.group_size, o.std, o.std_eps)
-        adv = adv.clamp(-o.adv_clip, o.adv_clip) / o.adv_clip * o.advantage_max
+        adv = scale(adv)
         points = trainer.flow_points(batch, o.fm_draws)
         owner, weight = points["owner"], valid.float()[points["owner"]]
         v_ref = trainer.point_velocities(batch, points, reference=True) if o.kl_weight > 0 else None
@@ -87,12 +89,21 @@ class AWM(FlowMatchingMethod):
         on_policy = self.train.updates_per_iteration == 1
         lp_old = None if on_policy else log_likelihood(trainer.point_velocities(batch, points), points, o)
 
+        def loss_with(adv: torch.Tensor):
+            def policy_loss(idx: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, dict]:
+                lp = log_likelihood(v, {k: val[idx] for k, val in points.items()}, o)
+                old = lp.detach() if lp_old is None else lp_old[idx]
+                loss = (weight[idx] * clipped_policy(lp, old, adv[owner[idx]], o.clip_range)).mean()
+                return loss, {"policy_loss": loss, "ratio_deviation": (lp - old).detach().exp().sub(1).abs().mean()}
+            return policy_loss
+
+        if trainer.balance is not None:  # MARBLE: the loss is linear in the advantage at the sampling policy
+            per_reward = reward_group_scores(trainer, batch, o.group_size, o.std, o.std_eps)
+            adv = trainer.balanced(batch, points, {k: scale(a) for k, a in per_reward.items()}, loss_with)
+
         def minibatch_loss(idx: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, dict]:
             part = {k: val[idx] for k, val in points.items()}
-            lp = log_likelihood(v, part, o)
-            old = lp.detach() if lp_old is None else lp_old[idx]
-            loss = (weight[idx] * clipped_policy(lp, old, adv[owner[idx]], o.clip_range)).mean()
-            stats = {"policy_loss": loss, "ratio_deviation": (lp - old).detach().exp().sub(1).abs().mean()}
+            loss, stats = loss_with(adv)(idx, v)
             for name, target, beta in (("kl", v_ref, o.kl_weight), ("ema_kl", v_ema, o.ema_weight)):
                 if target is not None:
                     stats[name] = (weight[idx] * velocity_distance(v, target[idx], part["sigma"], o.kl_form)).mean()
@@ -103,7 +114,8 @@ class AWM(FlowMatchingMethod):
         steps = (batch.iteration + 1) * self.train.updates_per_iteration
         decay = ramp_decay(steps, o.ema_decay_rate, o.ema_decay_max)
         self.ema.blend(decay)
-        return {**stats, "ema_decay": decay, "advantage/abs_mean": adv[valid].abs().mean().item()}
+        return {**stats, "ema_decay": decay, "advantage/abs_mean": adv[valid].abs().mean().item(),
+                **trainer.balance_log()}
 
     def extra_state(self, trainer) -> tuple[dict, dict]:
         return self.ema.state("kl_ema."), {}

@@ -31,6 +31,9 @@ class Method:
     guided_rollouts: ClassVar[bool] = False
     #: whether it trains around samples whose reward failed (``reward.on_error: skip``: NaN rewards weigh nothing)
     skips_failed_samples: ClassVar[bool] = False
+    #: whether its loss is linear in each sample's advantage (or weight), so MARBLE can balance several rewards
+    #: there (``reward.aggregate: marble``)
+    balances_rewards: ClassVar[bool] = False
 
     def __init__(self, options: Any, train: "TrainConfig", modifiers: dict[str, "Modifier"] | None = None):
         self.options, self.train = options, train

@@ -26,7 +26,7 @@ import torch
 from ..training.shadow import ShadowWeights, ramp_decay
 from ..typed import bounded
 from . import register_method
-from .flow_matching import FlowMatchingMethod, FlowMatchingOptions, group_scores, require_lora_for
+from .flow_matching import FlowMatchingMethod, FlowMatchingOptions, group_scores, require_lora_for, reward_group_scores
 
 
 @dataclass
@@ -57,6 +57,7 @@ class DiffusionNFT(FlowMatchingMethod):
     paper = "arXiv 2509.16117"
     Options = DiffusionNFTOptions
     skips_failed_samples = True  # a skipped sample weighs 0 in the loss
+    balances_rewards = True
 
     @classmethod
     def check(cls, options, train, modifiers) -> None:
@@ -78,11 +79,22 @@ class DiffusionNFT(FlowMatchingMethod):
         v_ref = trainer.point_velocities(batch, points, reference=True) if o.kl_weight > 0 else None
         owner, weight = points["owner"], valid.float()[points["owner"]]  # skipped samples: weight 0, same steps
 
+        def loss_with(r: torch.Tensor):
+            def policy_loss(idx: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, dict]:
+                loss = (weight[idx] * nft_loss(v, v_old[idx], points["target"][idx], points["sigma"][idx],
+                                               r[owner[idx]], o.beta, o.adv_clip, o.adaptive_weight)).mean()
+                return loss, {"policy_loss": loss}
+            return policy_loss
+
+        if trainer.balance is not None:  # MARBLE: the loss is affine in r, so r̄ = Σ c_k r_k / Σ c_k
+            per_reward = reward_group_scores(trainer, batch, o.group_size, o.std, o.std_eps)
+            r = trainer.balanced(batch, points, {k: optimality(a, o.adv_clip, o.adv_mode) for k, a in
+                                                 per_reward.items()}, loss_with, normalise=True)
+
         def minibatch_loss(idx: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, dict]:
-            policy = (weight[idx] * nft_loss(v, v_old[idx], points["target"][idx], points["sigma"][idx],
-                                             r[owner[idx]], o.beta, o.adv_clip, o.adaptive_weight)).mean()
+            policy, stats = loss_with(r)(idx, v)
             if v_ref is None:
-                return policy, {"policy_loss": policy}
+                return policy, stats
             kl = (weight[idx] * (v - v_ref[idx]).pow(2).flatten(1).mean(1)).mean()
             return policy + o.kl_weight * kl, {"policy_loss": policy, "kl": kl}
 
@@ -90,7 +102,8 @@ class DiffusionNFT(FlowMatchingMethod):
         steps = (batch.iteration + 1) * self.train.updates_per_iteration
         decay = ramp_decay(steps, o.old_decay_rate, o.old_decay_max, o.old_decay_flat)
         self.old.blend(decay)
-        return {**stats, "old_decay": decay, "optimality/mean": r[valid].mean().item() if bool(valid.any()) else 0.5}
+        return {**stats, "old_decay": decay, "optimality/mean": r[valid].mean().item() if bool(valid.any()) else 0.5,
+                **trainer.balance_log()}
 
     def extra_state(self, trainer) -> tuple[dict, dict]:
         return self.old.state("old."), {}

@@ -74,6 +74,17 @@ def group_scores(trainer, batch, group_size: int, std: Literal["global", "group"
     return adv[position], valid[position]
 
 
+def reward_group_scores(trainer, batch, group_size: int, std: Literal["global", "group"],
+                        eps: float) -> dict[str, torch.Tensor]:
+    """Each reward's own group z-scores of this process's samples (MARBLE; every sample is scored)."""
+    out = {}
+    for name, part in batch.reward_parts.items():
+        values, position = trainer.gathered(part, batch)
+        groups = torch.arange(len(values), device=values.device) // group_size
+        out[name] = group_advantages(values.float(), groups, std, eps)[position]
+    return out
+
+
 def require_lora_for(method: str, weight: float, train) -> None:
     """A distance to the LoRA-off base needs a LoRA (one line naming the option)."""
     require(train.lora_rank > 0 or weight == 0, f"{method}.kl_weight compares with the LoRA-off base: it needs "

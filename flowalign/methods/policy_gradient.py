@@ -53,6 +53,7 @@ class PolicyGradientMethod(Method):
 
     family = "policy_gradient"
     skips_failed_samples = True  # a NaN reward's sample gets advantage 0
+    balances_rewards = True
     #: one root per prompt whose trajectories share a trunk; groups come from the plan (not ``group_size``)
     shares_trunks: ClassVar[bool] = False
 

@@ -100,6 +100,34 @@ class FlowMatchingTrainer(Trainer):
                 after_step(u)
         return {k: torch.stack(v).float().mean().item() for k, v in stats.items()}
 
+    def balanced(self, batch: IterationBatch, points: dict[str, torch.Tensor], per_reward: dict[str, torch.Tensor],
+                 loss_with: Callable[[torch.Tensor], Callable], normalise: bool = False) -> torch.Tensor:
+        """MARBLE (``reward.aggregate: marble``) on a loss linear in each sample's ``per_reward`` weights: the
+        balance refreshed from each reward's gradient (``loss_with(weights)`` gives its minibatch loss) when due,
+        and the combined weights ``Σ_k c_k·w_k`` (divided by ``Σ_k c_k`` where the loss is affine in weights that
+        must stay a convex combination, ``normalise``)."""
+        if self.balance.due(batch.iteration):
+            self.balance.update({k: self.full_gradient(batch, points, loss_with(w)) for k, w in per_reward.items()})
+        c = self.balance.coefficients()
+        combined = sum(c[k] * w for k, w in per_reward.items())
+        return combined / sum(c.values()) if normalise else combined
+
+    def full_gradient(self, batch: IterationBatch, points: dict[str, torch.Tensor],
+                      minibatch_loss: Callable[[torch.Tensor, torch.Tensor], tuple]) -> torch.Tensor:
+        """The mean over every process's points of ``minibatch_loss``'s gradient (flat); no update."""
+        n, device = len(points["owner"]), points["owner"].device
+        total = torch.zeros(sum(p.numel() for p in self.params), device=self.acc.device)
+        with self.acc.no_sync(self.gen.wrapped_module):
+            for idx in torch.arange(n, device=device).split(self.t.train_batch):
+                cond = batch.cond.select(batch.leaf_row[points["owner"][idx]])
+                v = self.policy_velocity(points["x"][idx], points["sigma"][idx], cond).float()
+                loss = minibatch_loss(idx, v)[0] * len(idx)
+                grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+                total += torch.cat([(torch.zeros_like(p) if g is None else g).flatten()
+                                    for g, p in zip(grads, self.params)])
+        count = self.acc.reduce(torch.tensor(float(n), device=self.acc.device), "sum")
+        return self.acc.reduce(total, "sum") / count
+
     def backward(self, loss: torch.Tensor) -> None:
         """Backward, unless nothing in ``loss`` is trained (every point in an untrained Wan 2.2 expert's range)."""
         if loss.requires_grad:

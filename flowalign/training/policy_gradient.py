@@ -21,7 +21,6 @@ from ..samplers.rollout import Node, Rollout, concat_rollouts, flatten_plan, gro
 from ..seeds import derive_seed
 from .batch import IterationBatch
 from .lora import adapters_disabled
-from .marble import GradientBalance
 from .trainer import NonFiniteLoss, Trainer
 
 
@@ -34,9 +33,6 @@ class PolicyGradientTrainer(Trainer):
         for modifier in self.modifiers:
             schedule = modifier.noise_schedule(schedule)
         self.schedule = schedule
-        r = cfg.reward
-        self.balance = GradientBalance(r.weights, r.marble_momentum, r.marble_every) if r.aggregate == "marble" \
-            else None
 
     # ------------------------------------------------------------------ sampling
 
@@ -198,7 +194,7 @@ class PolicyGradientTrainer(Trainer):
         c = self.balance.coefficients()
         batch.leaf_advantages = sum(c[k] * a for k, a in per_leaf.items())
         batch.advantages = self.method.credit(batch.rollout, batch.leaf_advantages, batch.rewards)
-        return {f"marble/{k}": a for k, a in self.balance.alpha.items()}
+        return self.balance_log()
 
     def _full_gradient(self, batch: IterationBatch, old_logp: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
         """The policy loss's gradient (flat) over every process's transitions with ``advantages``; no update."""

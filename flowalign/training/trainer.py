@@ -26,6 +26,7 @@ from . import checkpoint as ckpt
 from .batch import IterationBatch
 from .interrupts import stop_at_boundaries
 from .lora import add_lora, load_trainable_state, save_lora_diffusers, trainable_shapes, trainable_state
+from .marble import GradientBalance
 from .monitor import HackingMonitor
 from .prompts import iteration_prompts, local_samples, read_prompt_file
 from .scoring import OverlappedScoring, guarded_scores
@@ -62,7 +63,9 @@ class Trainer:
                                                cfg.reward.penalty, **cfg.reward.options).to(self.acc.device)
         self.reward.requires_grad_(False)  # frozen: kept out of accelerate's prepare
         self.lora = t.lora_rank > 0
-        self.balance = None  # MARBLE's reward weights (reward.aggregate: marble; the policy-gradient trainer)
+        r = cfg.reward  # MARBLE's reward weights (reward.aggregate: marble)
+        self.balance = GradientBalance(r.weights, r.marble_momentum, r.marble_every) if r.aggregate == "marble" \
+            else None
         self._prepare_policy()
         self.iteration, self.history = 0, []
         # what Ctrl-C waits for; the iteration count of the newest checkpoint (every process) and its path (main)
@@ -152,6 +155,10 @@ class Trainer:
         all_values, all_ids = self.acc.gather(local.contiguous()), self.acc.gather(batch.leaf_ids.contiguous())
         order = torch.argsort(all_ids)
         return all_values[order], torch.searchsorted(all_ids[order], batch.leaf_ids)
+
+    def balance_log(self) -> dict[str, float]:
+        """MARBLE's current weight of each reward (``marble/<name>``), or nothing."""
+        return {f"marble/{k}": a for k, a in self.balance.alpha.items()} if self.balance is not None else {}
 
     def reward_metrics(self, batch: IterationBatch) -> dict[str, float]:
         """Mean and std of the gathered rewards (skipped samples left out), each part's mean, the NFEs."""
