@@ -68,6 +68,8 @@ def check_ensemble(reward) -> None:
     if reward.objective == "weighted_sum":
         return
     what = f"reward.objective={reward.objective}"
+    if reward.aggregate != "reward":
+        raise ConfigError(f"{what} forms one score per sample from its members: use reward.aggregate=reward")
     if reward.normalize == "none":
         raise ConfigError(f"{what} compares its members after per-member normalisation: set reward.normalize to "
                           "batch or running")

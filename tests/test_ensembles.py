@@ -98,6 +98,9 @@ def test_tagged_members_are_the_same_reward_with_their_own_options():
      "reward.objective=worst_case takes the smallest member score: give every member the same weight"),
     (["reward.objective=mean", "reward.normalize=batch", "reward.weights={toy/ink: 1, toy/size: -1}"],
      "reward.weights are the members' shares, expected each above 0"),
+    (["reward.objective=mean", "reward.normalize=batch", "reward.weights={toy/ink: 1, toy/size: 1}",
+      "reward.aggregate=advantage"], "reward.objective=mean forms one score per sample from its members: use "
+     "reward.aggregate=reward"),
     (["reward.objective=median"], "reward.objective"),
     (["reward.weights={toy/ink#a: 1, toy/nothing#b: 1}"], "unknown reward 'toy/nothing#b'"),
 ])
