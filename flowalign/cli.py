@@ -228,6 +228,12 @@ def _cmd_methods(args: argparse.Namespace) -> None:
         print(f"modifiers.{name:<14} {mod.title}")
 
 
+def _cmd_keys(args: argparse.Namespace) -> None:
+    from .config_keys import table
+
+    print(table(args.section))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -286,6 +292,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     met = sub.add_parser("methods", help="list the training methods and modifiers")
     met.set_defaults(func=_cmd_methods)
+
+    keys = sub.add_parser("keys", help="every config key with its type, default and meaning")
+    keys.add_argument("section", nargs="?", default=None,
+                      help="train, reward, ..., a method (flow_grpo) or a modifier (modifiers.kl); default: all")
+    keys.set_defaults(func=_cmd_keys)
 
     rw = sub.add_parser("rewards", help="reward models").add_subparsers(dest="rewards_command", required=True)
     rw.add_parser("list", help="every reward name rewards.load accepts").set_defaults(func=_cmd_rewards_list)

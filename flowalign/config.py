@@ -28,19 +28,21 @@ __all__ = ["ConfigError", "EvalConfig", "ModelConfig", "RewardConfig", "RunConfi
 @dataclass
 class ModelConfig:
     name: str = bounded("toy/digits", doc="toy/digits, a hub id or a local diffusers folder")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    local_files_only: bool = False
+    dtype: Literal["float32", "bfloat16", "float16"] = bounded("float32", doc="the weights' dtype (bfloat16 on GPUs; "
+                                                                              "log-probs stay fp32)")
+    local_files_only: bool = bounded(False, doc="never touch the network: the model must be a local folder or in the "
+                                                "hub cache")
     options: dict[str, Any] = bounded({}, doc="adapter options: height, width, num_frames, embedded_guidance, "
                                       "train_expert, audio_end_in_s, ...")
 
 
 @dataclass
 class SampleConfig:
-    steps: int = bounded(20, min=1, max=1000)
-    guidance: float = bounded(3.0, min=0.0, max=100.0)
-    negative_prompt: str = ""
-    batch_size: int = bounded(250, min=1)
-    seed: int = bounded(0, min=0)
+    steps: int = bounded(20, min=1, max=1000, doc="sampling steps of flowalign evaluate")
+    guidance: float = bounded(3.0, min=0.0, max=100.0, doc="CFG scale of flowalign evaluate")
+    negative_prompt: str = bounded("", doc="the negative prompt of CFG (\"\": the empty prompt)")
+    batch_size: int = bounded(250, min=1, doc="samples per model pass")
+    seed: int = bounded(0, min=0, doc="the first sample's seed")
 
 
 @dataclass
@@ -48,8 +50,8 @@ class EvalConfig:
     prompts: list[str] = bounded([], doc="explicit prompts")
     prompt_file: str | None = bounded(None, must_exist=True, doc="a text file, one prompt per line")
     toy_prompts: int = bounded(0, min=0, max=100_000, doc="N toy digit prompts, digits balanced, templates seeded")
-    samples_per_prompt: int = bounded(1, min=1, max=10_000)
-    rewards: list[str] = bounded(["toy/digit_match", "toy/classifier"])
+    samples_per_prompt: int = bounded(1, min=1, max=10_000, doc="seeds per prompt")
+    rewards: list[str] = bounded(["toy/digit_match", "toy/classifier"], doc="the rewards flowalign evaluate reports")
     grid_size: int = bounded(100, min=0, doc="how many samples the PNG grid shows")
 
 
@@ -57,20 +59,29 @@ class EvalConfig:
 class RewardConfig:
     weights: dict[str, float] = bounded({"toy/bold_digit": 1.0}, doc="reward name -> weight")
     options: dict[str, dict] = bounded({}, doc="reward name -> constructor arguments (path, local_files_only, ...)")
-    normalize: Literal["none", "batch", "running"] = "none"
+    normalize: Literal["none", "batch", "running"] = bounded("none", doc="batch or running z-scores of each reward "
+                                                                         "before they are combined (running "
+                                                                         "statistics are checkpointed)")
     objective: Literal["weighted_sum", "mean", "uncertainty_weighted", "worst_case"] = bounded(
         "weighted_sum", doc="the weighted sum of the rewards, or a conservative objective over them as an ensemble's "
         "members (normalised each): their mean, mean - penalty x variance, or the smallest")
     penalty: float = bounded(0.5, min=0.0, doc="uncertainty_weighted: the weight of the members' variance (lambda)")
     #: ``reward``: z-score the weighted sum; ``advantage``: z-score each reward, then sum (MixGRPO); ``marble``:
     #: each reward's advantages balanced by their gradients (MARBLE).
-    aggregate: Literal["reward", "advantage", "marble"] = "reward"
+    aggregate: Literal["reward", "advantage", "marble"] = bounded("reward", doc="reward: the method normalises the "
+                                                                                "combined reward; advantage: each "
+                                                                                "reward within its groups, then "
+                                                                                "weighted and summed (MixGRPO); "
+                                                                                "marble: each reward's advantages "
+                                                                                "balanced by their gradients (MARBLE)")
     marble_momentum: float = bounded(0.9, min=0.0, max=1.0, doc="marble: the smoothing ρ of the rewards' weights "
                                      "(ᾱ ← ρ·ᾱ + (1-ρ)·α*)")
     marble_every: int = bounded(1, min=1, doc="marble: iterations between refreshes of the weights (each costs one "
                                             "pass over the iteration's transitions per reward)")
     #: A reward that fails (raises, NaN, times out): ``stop`` the run, or ``skip`` the affected samples.
-    on_error: Literal["stop", "skip"] = "stop"
+    on_error: Literal["stop", "skip"] = bounded("stop", doc="a reward that raises, returns a wrong number of scores "
+                                                            "or a NaN, or times out: stop the run, or skip the "
+                                                            "samples it fails on")
     timeout_s: float = bounded(600.0, min=0.0, doc="seconds a reward call may take before it counts as failed (0: "
                                                   "no limit)")
     overlap_prompts: int = bounded(0, min=0, doc="score while sampling: prompts per part sent to the reward as "
@@ -82,7 +93,7 @@ class RewardConfig:
 class TrainConfig:
     """What every training method shares: the loop, the prompts, sampling, the optimizer, LoRA, memory, checkpoints."""
 
-    iterations: int = bounded(40, min=1)
+    iterations: int = bounded(40, min=1, doc="sample-score-update rounds")
     prompts_per_iteration: int = bounded(8, min=1, max=100_000, doc="prompts (groups) per iteration, all processes "
                                                                   "together")
     prompt_file: str | None = bounded(None, must_exist=True, doc="one prompt per line (required for real models)")
@@ -92,25 +103,28 @@ class TrainConfig:
     rollout_batch: int = bounded(64, min=1, doc="samples per model pass while sampling (per process)")
     train_batch: int = bounded(64, min=1, doc="training points per forward (per process)")
     updates_per_iteration: int = bounded(2, min=1, doc="optimizer steps per iteration")
-    lr: float = bounded(3e-4, min=0.0)
-    weight_decay: float = bounded(1e-4, min=0.0)
+    lr: float = bounded(3e-4, min=0.0, doc="AdamW learning rate")
+    weight_decay: float = bounded(1e-4, min=0.0, doc="AdamW weight decay")
     max_grad_norm: float = bounded(1.0, min=0.0, doc="0: no clipping")
     lora_rank: int = bounded(32, min=0, max=4096, doc="0: full fine-tuning")
-    lora_alpha: float = bounded(64.0, min=0.0)
+    lora_alpha: float = bounded(64.0, min=0.0, doc="LoRA scale alpha (the update is scaled by alpha / rank)")
     ema_decay: float = bounded(0.0, min=0.0, max=1.0, doc="0: no EMA; else the EMA weights are saved as final")
     mixed_precision: Literal["no", "fp16", "bf16"] | None = bounded(None, doc="None: accelerate's config decides")
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = bounded(False, doc="recompute activations in the backward pass (less memory, more "
+                                                      "time)")
     cache_prompts: bool = bounded(False, doc="encode each distinct prompt once, keep its embeddings on the CPU")
     prompt_embeds: str | None = bounded(None, must_exist=True, doc="precomputed prompt embeddings "
                                         "(flowalign embed-prompts)")
     text_encoders: Literal["device", "offload", "drop"] = bounded(
         "device", doc="frozen text encoders: on the device, CPU-offloaded between uses, or freed (needs prompt_embeds)")
     checkpoint_every: int = bounded(10, min=0, doc="iterations between checkpoints (0: none)")
-    checkpoints_total_limit: int = bounded(3, min=1)
+    checkpoints_total_limit: int = bounded(3, min=1, doc="checkpoints kept (the oldest are removed)")
     eval_prompts: int = bounded(50, min=0, max=100_000, doc="held-out prompts for the before/after report (0: no "
                                                               "report)")
-    eval_steps: int = bounded(20, min=1, max=1000)
-    seed: int = bounded(0, min=0, max=2 ** 62)
+    eval_steps: int = bounded(20, min=1, max=1000, doc="sampling steps of the held-out evaluation before and after "
+                                                       "training")
+    seed: int = bounded(0, min=0, max=2 ** 62, doc="every random draw of the run derives from it (LoRA init, noise, "
+                                                   "prompt order)")
 
 
 @dataclass
@@ -138,7 +152,7 @@ class RunConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
-    output_dir: str = "outputs/run"
+    output_dir: str = bounded("outputs/run", doc="checkpoints, the final LoRA, the report and the logs go here")
     method: str = bounded("flow_grpo", doc="the training method (flowalign methods lists them)")
     #: the method's options (its dataclass, read from the section named after the method)
     options: Any = field(default=None, init=False)

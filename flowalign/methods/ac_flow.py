@@ -32,13 +32,13 @@ from .flow_matching import FlowMatchingMethod, FlowMatchingOptions
 
 @dataclass
 class ACFlowOptions(FlowMatchingOptions):
-    critic_width: int = bounded(32, min=4)
-    critic_lr: float = bounded(1e-3, min=0.0)
+    critic_width: int = bounded(32, min=4, doc="channels of the critic network")
+    critic_lr: float = bounded(1e-3, min=0.0, doc="the critic's AdamW learning rate")
     critic_updates: int = bounded(2, min=1, doc="passes over the iteration's points per critic update")
     critic_warmup: int = bounded(3, min=0, doc="iterations that train the critic only")
     shape_per_group: bool = bounded(False, doc="reward shaping per prompt group instead of per batch")
     reward_bound: Literal["none", "tanh", "clip"] = bounded("none", doc="shaped-reward bound (paper-approximate)")
-    reward_bound_value: float = bounded(3.0, min=0.0)
+    reward_bound_value: float = bounded(3.0, min=0.0, doc="the bound of reward_bound (tanh scale or clip value)")
     adv_clip: float = bounded(2.0, min=0.0, doc="advantages clipped to +-adv_clip (0: off)")
     weight_beta: float = bounded(0.5, min=0.0, doc="weights exp(weight_beta * A)")
     weight_norm: bool = bounded(True, doc="divide the weights by their batch mean")

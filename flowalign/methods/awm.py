@@ -46,9 +46,9 @@ class AWMOptions(FlowMatchingOptions):
     ema_weight: float = bounded(1.0, min=0.0, doc="weight of mean (v - v_ema)^2 to the EMA of the policy")
     kl_form: Literal["uniform", "elbo"] = bounded("uniform", doc="elbo: both distances over 2 g^2")
     ema_decay_rate: float = bounded(0.001, min=0.0, doc="EMA decay d = min(rate * steps, max) after an iteration")
-    ema_decay_max: float = bounded(0.3, min=0.0, max=1.0)
+    ema_decay_max: float = bounded(0.3, min=0.0, max=1.0, doc="the EMA reference's largest decay")
     std: Literal["global", "group"] = bounded("global", doc="advantage std over the whole batch or per group")
-    std_eps: float = bounded(1e-4, min=0.0)
+    std_eps: float = bounded(1e-4, min=0.0, doc="added to the advantage std")
 
 
 @register_method

@@ -44,14 +44,14 @@ class DGPOOptions(FlowMatchingOptions):
                                "(PickScore: 0.001)")
     adv_clip: float = bounded(5.0, min=0.0, doc="advantages clipped to +-adv_clip")
     clip_dsm: bool = bounded(True, doc="no gradient where the ratio to the EMA leaves 1 +- clip_range")
-    clip_range: float = bounded(0.01, min=0.0)
+    clip_range: float = bounded(0.01, min=0.0, doc="the band around 1 of clip_dsm (its c)")
     use_ema_ref: bool = bounded(False, doc="the EMA instead of the base as the DPO reference")
     switch_ema_ref: int = bounded(500, min=0, doc="optimizer steps after which the EMA samples the rollouts "
                                   "(OCR, PickScore: 200)")
     ema_decay_rate: float = bounded(0.001, min=0.0, doc="EMA decay d = min(rate * steps, max) per optimizer step")
-    ema_decay_max: float = bounded(0.3, min=0.0, max=1.0)
+    ema_decay_max: float = bounded(0.3, min=0.0, max=1.0, doc="the EMA reference's largest decay")
     std: Literal["global", "group"] = bounded("group", doc="advantage std per group (GenEval) or over the batch")
-    std_eps: float = bounded(1e-4, min=0.0)
+    std_eps: float = bounded(1e-4, min=0.0, doc="added to the advantage std")
 
 
 @register_method

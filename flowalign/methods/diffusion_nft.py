@@ -42,7 +42,7 @@ class DiffusionNFTOptions(FlowMatchingOptions):
         "all", doc="advantages used as they are, only their positive or negative part, 1 where positive, or "
         "their sign")
     std: Literal["global", "group"] = bounded("global", doc="advantage std over the whole batch or per group")
-    std_eps: float = bounded(1e-4, min=0.0)
+    std_eps: float = bounded(1e-4, min=0.0, doc="added to the advantage std")
     adaptive_weight: bool = bounded(True, doc="divide each L+- by its own mean |x0 error| (paper-approximate)")
     old_decay_rate: float = bounded(0.001, min=0.0, doc="old policy decay d = min(rate*(steps - flat), max)")
     old_decay_max: float = bounded(0.5, min=0.0, max=1.0, doc="the decay's ceiling (0: the old policy is the "

@@ -25,7 +25,9 @@ from .policy_gradient import PolicyGradientMethod, PolicyGradientOptions, indepe
 @dataclass
 class MixGRPOOptions(PolicyGradientOptions):
     group_size: int = bounded(12, min=2, doc="trajectories per prompt (G)")
-    window_kind: Literal["random", "progressive", "decay", "exp_decay", "fixed"] = "progressive"
+    window_kind: Literal["random", "progressive", "decay", "exp_decay", "fixed"] = bounded(
+        "progressive", doc="how the SDE window moves: random, progressive (slides forward), decay / exp_decay "
+        "(slides with a shrinking dwell), fixed")
     window_size: int = bounded(4, min=1, doc="SDE steps in the window")
     window_dwell: int = bounded(25, min=1, doc="iterations before the window moves")
     window_stride: int = bounded(1, min=1, doc="how far it moves (1: overlapping)")

@@ -44,8 +44,8 @@ class PolicyGradientOptions(SDEOptions):
     """... and the group z-score advantages of GRPO."""
 
     std: Literal["global", "group"] = bounded("global", doc="advantage std over the whole batch or per group")
-    std_eps: float = bounded(1e-4, min=0.0)
-    unbiased_std: bool = False
+    std_eps: float = bounded(1e-4, min=0.0, doc="added to the advantage std")
+    unbiased_std: bool = bounded(False, doc="the advantage std with Bessel's correction")
 
 
 class PolicyGradientMethod(Method):

@@ -31,16 +31,19 @@ from .policy_gradient import PolicyGradientMethod, PolicyGradientOptions
 class TreeGRPOOptions(PolicyGradientOptions):
     tree_depth: int = bounded(4, min=1, max=8, doc="binary splits at the window's first steps (2^depth leaves)")
     depth_noise_beta: float = bounded(0.5, min=0.0, doc="noise x (1 + beta*depth/d) (paper-approximate)")
-    window_kind: Literal["random", "progressive", "decay", "exp_decay", "fixed"] = "progressive"
+    window_kind: Literal["random", "progressive", "decay", "exp_decay", "fixed"] = bounded(
+        "progressive", doc="how the branching window moves: random, progressive, decay, exp_decay, fixed (as "
+        "MixGRPO's)")
     window_size: int = bounded(4, min=1, doc="SDE steps in the window (at least tree_depth)")
     window_dwell: int = bounded(25, min=1, doc="iterations before the window moves")
-    window_stride: int = bounded(1, min=1)
-    window_roll_back: bool = True
+    window_stride: int = bounded(1, min=1, doc="how far the window moves")
+    window_roll_back: bool = bounded(True, doc="start over at the first step once the window reaches the end")
     window_max_steps: int | None = bounded(None, min=1, doc="the window stays below this step (default steps - 1)")
     clip_dynamic: bool = bounded(False, doc="reward-conditioned clip bounds (paper-approximate)")
-    clip_low: float = bounded(1e-4, min=0.0)
-    clip_high: float = bounded(1e-3, min=0.0)
-    clip_eta: float = bounded(1.0, min=0.0)
+    clip_low: float = bounded(1e-4, min=0.0, doc="the ratio clip at advantage 0")
+    clip_high: float = bounded(1e-3, min=0.0, doc="the ratio clip for large advantages")
+    clip_eta: float = bounded(1.0, min=0.0, doc="how fast the clip rises with |A|: clip_low + (clip_high - clip_low) "
+                                                "tanh(clip_eta |A|)")
     node_reward: Literal["mean", "prob_weighted"] = bounded(
         "mean", doc="a node's reward: the mean of its leaves (Dynamic-TreeRPO), or BranchGRPO's softmax over its "
         "children's step log-probs")
@@ -52,7 +55,7 @@ class TreeGRPOOptions(PolicyGradientOptions):
                                        "the state after d steps; sampling and rewards unchanged)")
     depth_pruning_slide: bool = bounded(False, doc="move the pruned depths up by one every slide_interval "
                                         "iterations")
-    depth_pruning_slide_interval: int = bounded(1, min=1)
+    depth_pruning_slide_interval: int = bounded(1, min=1, doc="iterations between slides of the pruned depths")
     depth_pruning_stop_depth: int | None = bounded(None, min=0, doc="sliding stops when the shallowest pruned depth "
                                                    "reaches this (default: the last split step)")
     width_pruning: Literal["none", "per_branch", "best_worst"] = bounded(

@@ -42,8 +42,8 @@ class GARDOOptions:
         "far below them (the sign of the released code)")
     gate_fraction: float = bounded(0.1, min=0.0, max=1.0, doc="κ at the start: the share of the non-negative "
                                                               "uncertainties that is gated")
-    gate_min: float = bounded(0.02, min=0.0, max=1.0)
-    gate_max: float = bounded(0.2, min=0.0, max=1.0)
+    gate_min: float = bounded(0.02, min=0.0, max=1.0, doc="the smallest κ")
+    gate_max: float = bounded(0.2, min=0.0, max=1.0, doc="the largest κ")
     gate_step: float = bounded(0.1, min=0.0, max=1.0, doc="κ is multiplied by 1 ± gate_step")
     gate_window: int = bounded(20, min=1, doc="iterations of mean uncertainty the compensator compares with")
     adaptive_reference: bool = bounded(True, doc="KL to a copy of the policy reset now and then (false: to the "
