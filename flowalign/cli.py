@@ -162,9 +162,17 @@ def _cmd_toy_build(args: argparse.Namespace) -> None:
 
 
 def _cmd_rewards_list(args: argparse.Namespace) -> None:
+    """Every reward name with its kind, modality, differentiability, what it loads and what it measures."""
     from . import rewards
+
     for name in rewards.available():
-        print(name)
+        try:
+            d = rewards.registry.describe(name)
+        except Exception as err:  # a plug-in that cannot even be imported is listed, not fatal
+            print(f"{name:<22} (cannot be imported: {type(err).__name__})")
+            continue
+        print(f"{name:<22} {d['modality']:<6} {d['kind']:<10} {d['differentiable']:<15} {d['loads']:<40} "
+              f"{d['description']}")
 
 
 def _cmd_app(args: argparse.Namespace) -> None:

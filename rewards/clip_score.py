@@ -16,6 +16,8 @@ from .preprocess import clip_preprocess
 
 
 class OpenCLIPScore(Reward):
+    """CLIPScore with an open_clip model: ``weight · max(cos(image, prompt), 0)`` (differentiable)."""
+
     name = "clipscore"
     differentiable = True
 

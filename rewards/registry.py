@@ -2,22 +2,29 @@
 from __future__ import annotations
 
 import importlib
+import inspect
+import typing
 from importlib.metadata import entry_points
 from typing import Callable
 
-from .base import CompositeReward, Reward
+from .base import CompositeReward, PairwiseReward, Reward, SetReward
 from .errors import RewardError
 
 ENTRY_POINT_GROUP = "flowalign.rewards"
 
 
 def _toy_clipscore(**kw) -> Reward:
+    """CLIPScore with the toy world's tiny CLIP (shipped weights): the prompt's fit, x100."""
     from .clip_score import OpenCLIPScore
     from .toy import WEIGHTS
 
     reward = OpenCLIPScore(model=str(kw.pop("path", WEIGHTS / "clip")), **kw)
     reward.name = "toy/clipscore"
     return reward
+
+
+_toy_clipscore.returns = "flowalign.rewards.clip_score:OpenCLIPScore"
+_toy_clipscore.loads = "the shipped tiny CLIP"
 
 
 #: Built-in rewards: name -> "module:factory" (imported only when asked for) or a factory.
@@ -103,6 +110,45 @@ def reward_class(name: str) -> Callable[..., Reward]:
     if base in (plugins := _plugins()):
         return plugins[base].load()
     raise RewardError(f"reward '{name}': unknown (available: {', '.join(available())})")
+
+
+def describe(name: str) -> dict[str, str]:
+    """What ``flowalign rewards list`` shows of a reward, read from its class without loading it: its kind,
+    modality, whether gradients reach the pixels, what it loads, and the first line of its docstring."""
+    target = reward_class(name)
+    if isinstance(target, type):
+        cls = target
+    else:  # a factory: the class it returns (``returns`` names one imported only when called)
+        cls = _resolve(target.returns) if hasattr(target, "returns") else typing.get_type_hints(target)["return"]
+    if not (isinstance(cls, type) and issubclass(cls, Reward)):
+        return {"kind": "-", "modality": "-", "differentiable": "-", "loads": "-",
+                "description": "not a reward: an encoder other rewards embed with"}
+    kind = "pairwise" if issubclass(cls, PairwiseReward) else "set" if issubclass(cls, SetReward) else "pointwise"
+    doc = (target.__doc__ or cls.__doc__ or "").strip().splitlines()
+    differentiable = getattr(target, "differentiable", cls.differentiable)
+    return {"kind": kind, "modality": getattr(target, "modality", cls.modality),
+            "differentiable": "differentiable" if differentiable else "-", "loads": _loads(target, cls),
+            "description": doc[0] if doc else ""}
+
+
+def _loads(target, cls) -> str:
+    """The checkpoint or service a reward's defaults name (toy rewards: the shipped weights, or nothing)."""
+    if hasattr(target, "loads"):  # a factory that says so
+        return target.loads
+    params = inspect.signature(target if not isinstance(target, type) else cls.__init__).parameters
+    default = lambda key: params[key].default if key in params else inspect.Parameter.empty  # noqa: E731
+    if "url" in params:
+        return "a server (url)"
+    if isinstance(default("path"), str):
+        return default("path")
+    if "model" in params and "pretrained" in params:
+        return f"open_clip {default('model')} ({default('pretrained')})"
+    for key in ("encoder", "image_reward"):
+        if isinstance(default(key), str):
+            return f"{key}: {default(key)}"
+    if cls.__module__.startswith(f"{__package__}.toy"):
+        return "the shipped toy weights" if "path" in params or "member" in params else "nothing (the media)"
+    return "a checkpoint (path)" if "path" in params else "nothing"
 
 
 def load(name: str, **kwargs) -> Reward:

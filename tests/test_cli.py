@@ -53,6 +53,16 @@ def test_rewards_list():
     proc = subprocess.run([sys.executable, "-m", "flowalign", "rewards", "list"], capture_output=True, text=True,
                           cwd=ROOT, check=True)
     assert "toy/classifier" in proc.stdout.split()
+    lines = {line.split()[0]: line for line in proc.stdout.splitlines()}
+    # each with its modality, kind, differentiability, what it loads and its docstring's first line, read from
+    # the class without loading any weights
+    assert lines["pickscore"].split()[1:5] == ["image", "pointwise", "differentiable", "yuvalkirstain/PickScore_v1"]
+    assert lines["toy/preference"].split()[1:4] == ["image", "pairwise", "differentiable"]
+    assert lines["toy/music_fad"].split()[1:4] == ["audio", "set", "-"]
+    assert "toy music encoder" in lines["toy/music_fad"]
+    assert lines["http"].split()[1:4] == ["image", "pointwise", "-"] and "a server (url)" in lines["http"]
+    assert "Probability the classifier gives to the prompted digit" in lines["toy/classifier"]
+    assert "cannot be imported" not in proc.stdout
 
 
 @pytest.mark.slow

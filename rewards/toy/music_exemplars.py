@@ -48,3 +48,8 @@ def music_vendi(q: float = 1.0) -> VendiReward:
     reward = VendiReward(ToyMusicEncoder(), q=q)
     reward.name = "toy/music_vendi"
     return reward
+
+
+# what ``flowalign rewards list`` says of these factories (their classes' defaults are an image modality)
+for _factory in (music_fad, music_exemplar, music_vendi):
+    _factory.modality, _factory.loads = "audio", "the toy music encoder (no weights)"
