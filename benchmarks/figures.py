@@ -109,8 +109,9 @@ def rewards() -> str:
 
 def demo() -> str:
     data = _load("demo.json")
+    monitor = f"\n{data['monitor_line']}" if "monitor_line" in data else ""
     return (f"```\nreward on {data['eval_prompts']} held-out prompts and seeds: {data['reward_before']:.4f} -> "
-            f"{data['reward_after']:.4f}\n```\n\n{_source(data, 'python -m benchmarks.demo')}\n")
+            f"{data['reward_after']:.4f}{monitor}\n```\n\n{_source(data, 'python -m benchmarks.demo')}\n")
 
 
 def toy_models() -> str:
@@ -152,9 +153,36 @@ def processes() -> str:
     return "\n".join(rows) + "\n\n" + _source(data, "python -m benchmarks.processes") + "\n"
 
 
+def hacking() -> str:
+    from .hacking import DEFENCES
+
+    data = _load("hacking.json")
+    order = list(DEFENCES)  # rows in the script's order, however --only runs added them
+    defences = dict(sorted(data["defences"].items(), key=lambda item: order.index(item[0])))
+    plain = defences["Flow-GRPO, no defence"]
+    plain_gain = plain["ink"] - plain["base_ink"]
+    rows = ["| defence | bold digit, uncapped | ink gain (share of Flow-GRPO's) | held-out digit accuracy (share of "
+            "the base's) | toy CLIP score (share) | diversity | distance to the base | goals: judge / CLIP |",
+            "|---|---|---|---|---|---|---|---|"]
+    for name, d in defences.items():
+        gain = d["ink"] - d["base_ink"]
+        judge, clip = d["judge"] / d["base_judge"], d["clipscore"] / d["base_clipscore"]
+        half = gain >= 0.5 * plain_gain
+        goals = " / ".join("yes" if kept >= 0.95 and half else "no" for kept in (judge, clip))
+        rows.append(f"| {name} | {d['base_bold_uncapped']:.3f} → {d['bold_uncapped']:.3f} | {gain:+.3f} ± "
+                    f"{d['ink_std']:.3f} ({gain / plain_gain:.0%}) | {d['judge']:.3f} ± {d['judge_std']:.3f} "
+                    f"({judge:.0%}) | {d['clipscore']:.1f} ± {d['clipscore_std']:.1f} ({clip:.0%}) | "
+                    f"{d['base_diversity']:.3f} → {d['diversity']:.3f} | {d['distance_to_base']:.3f} | {goals} |")
+    note = (f"Toy digits, each defence's config for 40 iterations, mean ± std over training seeds "
+            f"{', '.join(map(str, data['seeds']))}; measured on {data['prompts']} held-out prompts × 2 seeds (base "
+            f"model: held-out accuracy {plain['base_judge']:.3f}, CLIP score {plain['base_clipscore']:.1f}). Goals: "
+            "the held-out measure ≥ 95% of the base model's with ≥ half of Flow-GRPO's ink gain.")
+    return "\n".join(rows) + "\n\n" + note + " " + _source(data, "python -m benchmarks.hacking") + "\n"
+
+
 RENDERERS = {"learning-seeds": learning_seeds, "grpo-overhead": grpo_overhead, "grpo-gains": grpo_gains,
              "samplers": samplers, "reno": reno, "rewards": rewards, "demo": demo, "toy-models": toy_models,
-             "overlap": overlap, "processes": processes}
+             "overlap": overlap, "processes": processes, "hacking": hacking}
 
 
 def pages() -> list[Path]:

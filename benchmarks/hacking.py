@@ -32,6 +32,7 @@ TWO_REWARDS = ["reward.weights={toy/bold_digit: 1, toy/clipscore: 1}"]
 DEFENCES = {
     "Flow-GRPO, no defence": (UNCAPPED, []),
     "KL to the base, beta 0.04": (UNCAPPED, ["modifiers.kl.beta=0.04"]),
+    "KL to the base, beta 0.1": (UNCAPPED, ["modifiers.kl.beta=0.1"]),
     "KL to the base, beta 0.15": (UNCAPPED, ["modifiers.kl.beta=0.15"]),
     "KL to the base, beta 0.4": (UNCAPPED, ["modifiers.kl.beta=0.4"]),
     "ensemble of 4 classifier seeds, worst case": ("configs/toy/digits_uncapped_ensemble.yaml", []),
