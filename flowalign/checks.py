@@ -46,6 +46,7 @@ def check_run(cfg: RunConfig, where: str = "config") -> None:
         if not cfg.reward.weights:
             raise ConfigError("reward.weights: expected at least one reward")
         check_ensemble(cfg.reward)
+        check_reward_options(cfg.reward.options)
         if not cfg.output_dir.strip():
             raise ConfigError("output_dir: expected a folder name, got ''")
         from .rewards.registry import known
@@ -61,6 +62,13 @@ def check_run(cfg: RunConfig, where: str = "config") -> None:
                               "monitor.samples_per_prompt to 2 or more")
     except ConfigError as err:
         raise ConfigError(f"{where}: {err}") from None
+
+
+def check_reward_options(options: Mapping) -> None:
+    """Each reward's constructor arguments are a mapping (``{path: ..., local_files_only: true}``)."""
+    for name, value in options.items():
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"reward.options.{name}: expected a mapping of constructor arguments, got {value!r:.60}")
 
 
 def check_ensemble(reward) -> None:

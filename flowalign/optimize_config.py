@@ -107,4 +107,10 @@ def load_optimize_config(path: str | Path | None = None, overrides: list[str] = 
         raise ConfigError(f"{where}: reward.weights: expected at least one reward")
     if unknown:
         raise ConfigError(f"{where}: reward.weights: unknown reward '{unknown[0]}' (flowalign rewards list shows them)")
+    from .checks import check_reward_options
+
+    try:
+        check_reward_options(cfg.reward.options)
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
     return cfg

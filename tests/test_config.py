@@ -59,6 +59,8 @@ def test_overrides_are_typed(tmp_path):
     ("sample: [1, 2\n", [], "is not valid YAML"),
     ("", ["sample.guidance=-1"], "sample.guidance: -1.0 is out of range"),
     ("", ["justakey"], "override 'justakey': expected key=value"),
+    ("", ["reward.options={toy/bold_digit: 7}"],
+     "reward.options.toy/bold_digit: expected a mapping of constructor arguments, got 7"),
 ])
 def test_bad_input_names_the_field(tmp_path, text, overrides, expected):
     with pytest.raises(ConfigError) as err:
