@@ -115,18 +115,15 @@ class FlowMatchingTrainer(Trainer):
     def full_gradient(self, batch: IterationBatch, points: dict[str, torch.Tensor],
                       minibatch_loss: Callable[[torch.Tensor, torch.Tensor], tuple]) -> torch.Tensor:
         """The mean over every process's points of ``minibatch_loss``'s gradient (flat); no update."""
-        n, device = len(points["owner"]), points["owner"].device
-        total = torch.zeros(sum(p.numel() for p in self.params), device=self.acc.device)
-        with self.acc.no_sync(self.gen.wrapped_module):
-            for idx in torch.arange(n, device=device).split(self.t.train_batch):
-                cond = batch.cond.select(batch.leaf_row[points["owner"][idx]])
-                v = self.policy_velocity(points["x"][idx], points["sigma"][idx], cond).float()
-                loss = minibatch_loss(idx, v)[0] * len(idx)
-                grads = torch.autograd.grad(loss, self.params, allow_unused=True)
-                total += torch.cat([(torch.zeros_like(p) if g is None else g).flatten()
-                                    for g, p in zip(grads, self.params)])
-        count = self.acc.reduce(torch.tensor(float(n), device=self.acc.device), "sum")
-        return self.acc.reduce(total, "sum") / count
+        owner = points["owner"]
+
+        def summed(idx: torch.Tensor) -> torch.Tensor:
+            cond = batch.cond.select(batch.leaf_row[owner[idx]])
+            v = self.policy_velocity(points["x"][idx], points["sigma"][idx], cond).float()
+            return minibatch_loss(idx, v)[0] * len(idx)
+
+        chunks = torch.arange(len(owner), device=owner.device).split(self.t.train_batch)
+        return self.mean_gradient((summed(idx) for idx in chunks), len(owner))
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backward, unless nothing in ``loss`` is trained (every point in an untrained Wan 2.2 expert's range)."""

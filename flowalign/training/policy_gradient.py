@@ -198,16 +198,10 @@ class PolicyGradientTrainer(Trainer):
 
     def _full_gradient(self, batch: IterationBatch, old_logp: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
         """The policy loss's gradient (flat) over every process's transitions with ``advantages``; no update."""
-        n, device = batch.rollout.num_transitions, batch.rollout.x.device
-        total = torch.zeros(sum(p.numel() for p in self.params), device=device)
-        with self.acc.no_sync(self.gen.wrapped_module):
-            for start in range(0, n, self.t.train_batch):
-                idx = torch.arange(start, min(start + self.t.train_batch, n), device=device)
-                loss = self._policy_loss(batch, idx, old_logp[idx], advantages[idx])[0] * len(idx)
-                grads = torch.autograd.grad(loss, self.params, allow_unused=True)
-                total += torch.cat([(torch.zeros_like(p) if g is None else g).flatten()
-                                    for g, p in zip(grads, self.params)])
-        return self.acc.reduce(total, "sum") / self.acc.reduce(torch.tensor(float(n), device=device), "sum")
+        n, size, device = batch.rollout.num_transitions, self.t.train_batch, batch.rollout.x.device
+        chunks = (torch.arange(start, min(start + size, n), device=device) for start in range(0, n, size))
+        return self.mean_gradient((self._policy_loss(batch, idx, old_logp[idx], advantages[idx])[0] * len(idx)
+                                   for idx in chunks), n)
 
     def _accumulate(self, batch: IterationBatch, chunk: torch.Tensor, old_logp: torch.Tensor,
                     stats: dict[str, list[torch.Tensor]]) -> None:

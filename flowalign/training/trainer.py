@@ -10,6 +10,7 @@ Every random draw derives from (seed, iteration), so a resumed run repeats the u
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -155,6 +156,18 @@ class Trainer:
         all_values, all_ids = self.acc.gather(local.contiguous()), self.acc.gather(batch.leaf_ids.contiguous())
         order = torch.argsort(all_ids)
         return all_values[order], torch.searchsorted(all_ids[order], batch.leaf_ids)
+
+    def mean_gradient(self, summed_losses: Iterator[torch.Tensor], count: int) -> torch.Tensor:
+        """The gradient (flat) of every process's summed losses over all processes' ``count`` items; no update
+        (MARBLE's per-reward gradients). The losses are computed lazily, inside ``no_sync``."""
+        total = torch.zeros(sum(p.numel() for p in self.params), device=self.acc.device)
+        with self.acc.no_sync(self.gen.wrapped_module):
+            for loss in summed_losses:
+                grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+                total += torch.cat([(torch.zeros_like(p) if g is None else g).flatten()
+                                    for g, p in zip(grads, self.params)])
+        return self.acc.reduce(total, "sum") / self.acc.reduce(torch.tensor(float(count), device=self.acc.device),
+                                                               "sum")
 
     def balance_log(self) -> dict[str, float]:
         """MARBLE's current weight of each reward (``marble/<name>``), or nothing."""
