@@ -30,6 +30,9 @@ import torch.distributed as dist
 REPO = Path(__file__).resolve().parent.parent
 WORKER = REPO / "tests" / "dist_grpo_worker.py"
 ITERATIONS = 2
+# A worker killed by std::terminate inside gloo (seen once in ~30 CI runs, never reproduced in 35 tries here, loaded
+# or not): the launch is retried once on a fresh port; a real failure fails twice.
+GLOO_ABORT = "terminate called without an active exception"
 sys.path.insert(0, str(REPO / "tests"))
 from dist_grpo_worker import CASES  # noqa: E402
 
@@ -50,6 +53,10 @@ def _run(cmd: list[str]) -> None:
                 "ACCELERATE_USE_CPU"):
         env.pop(key, None)
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0 and GLOO_ABORT in proc.stderr:  # a rare gloo abort on a loaded machine: once more
+        if "--master_port" in cmd:
+            cmd = [*cmd[:cmd.index("--master_port") + 1], str(_free_port()), *cmd[cmd.index("--master_port") + 2:]]
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
                                   f"{proc.stderr[-6000:]}")
 
@@ -149,6 +156,10 @@ def _train(processes: int, out: Path, *extra: str, wait: bool = True):
         return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 start_new_session=True)
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0 and GLOO_ABORT in proc.stderr:  # a rare gloo abort on a loaded machine: once more
+        if "--master_port" in cmd:
+            cmd = [*cmd[:cmd.index("--master_port") + 1], str(_free_port()), *cmd[cmd.index("--master_port") + 2:]]
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
