@@ -77,7 +77,7 @@ def read_scalars(folder: Path) -> tuple[dict[str, list[tuple[int, float]]], list
         for tag in tags.get("scalars", []):
             points = scalars.setdefault(tag, [])
             points += [(int(e.step), float(e.value)) for e in acc.Scalars(tag)]
-        for tag in tags.get("images", []):
+        for tag in (t for t in tags.get("images", []) if not t.startswith("report/")):  # the report's own files
             for e in acc.Images(tag):
                 image = Image.open(io.BytesIO(e.encoded_image_string)).convert("RGB")
                 images.append((image, f"{tag} · iteration {e.step}"))

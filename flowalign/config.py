@@ -125,6 +125,10 @@ class TrainConfig:
                                                        "training")
     seed: int = bounded(0, min=0, max=2 ** 62, doc="every random draw of the run derives from it (LoRA init, noise, "
                                                    "prompt order)")
+    report_to: Literal["tensorboard", "wandb", "trackio", "all", "none"] = bounded(
+        "tensorboard", doc="experiment trackers: the metrics, the config and sample grids (all: each of the three "
+        "that is installed)")
+    tracker_project: str = bounded("flowalign", doc="the trackers' project name (a run is named after output_dir)")
 
 
 @dataclass

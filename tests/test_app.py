@@ -190,8 +190,8 @@ def test_runs_view_reads_what_the_trainer_writes(runs_root, tmp_path):
     assert [step for step, _ in view.scalars["reward/mean"]] == [0, 1]
     assert {"reward/mean", "reward/std", "policy_loss"} <= set(view.scalars)
     captions = [c for _, c in view.images]
-    assert captions == ["samples · iteration 1", "samples · iteration 2", "report/before.png", "report/after.png",
-                        "report/reward_curve.png"]
+    assert captions == ["samples · iteration 0", "samples · iteration 1", "report/before.png", "report/after.png",
+                        "report/reward_curve.png"]  # iteration 0: the base model's rollouts
     assert view.summary["final LoRA"].endswith("final") and 0 <= view.summary["reward_after"] <= 1
     with pytest.raises(FlowalignError, match="no tensorboard event files or report/ there"):
         read_run(tmp_path)

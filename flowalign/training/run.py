@@ -9,6 +9,7 @@ from . import make_trainer
 from .monitor import monitor_summary
 from .report import evaluate_policy, heldout_prompts, write_report
 from .scoring import GuardedEvaluation
+from .trackers import log_report
 
 
 def train(config: str | Path | RunConfig | None = None, overrides: list[str] = (), resume: str | None = None,
@@ -17,6 +18,15 @@ def train(config: str | Path | RunConfig | None = None, overrides: list[str] = (
     paths)."""
     cfg = config if isinstance(config, RunConfig) else load_config(config, list(overrides))
     trainer = make_trainer(cfg)
+    try:
+        return _train_and_report(trainer, cfg, resume, progress, print_fn)
+    finally:  # the trackers flush and close even when training stops on an error
+        trainer.acc.end_training()
+
+
+def _train_and_report(trainer, cfg: RunConfig, resume: str | None, progress: bool, print_fn) -> dict:
+    """Evaluate before, train, save the final weights, evaluate after, write the report (and send its figures to
+    the trackers)."""
     t = trainer.t
     prompts, meta = heldout_prompts(t.eval_prompts, trainer.file_prompts, trainer.world)
     evaluation = lambda label: evaluate_policy(trainer.gen, GuardedEvaluation(trainer, label), prompts, meta,  # noqa: E731
@@ -31,6 +41,7 @@ def train(config: str | Path | RunConfig | None = None, overrides: list[str] = (
                                    history, {"final": str(final), "method": cfg.method,
                                              **({"monitor": trainer.monitor.state()} if trainer.monitor else {})},
                                    getattr(trainer.gen, "sample_rate", None))
+            log_report(trainer.acc, Path(cfg.output_dir) / "report", trainer.iteration)
             print_fn(f"reward on {len(prompts)} held-out prompts and seeds: {metrics['reward_before']:.4f} -> "
                      f"{metrics['reward_after']:.4f}{_skipped(metrics)}; report in "
                      f"{Path(cfg.output_dir) / 'report'}, LoRA in {final}")
@@ -39,7 +50,6 @@ def train(config: str | Path | RunConfig | None = None, overrides: list[str] = (
     except OSError as err:
         raise FlowalignError(f"could not write {err.filename or cfg.output_dir}: {err.strerror or err} (the "
                              f"checkpoints under {trainer.out / 'checkpoints'} are intact)") from None
-    trainer.acc.end_training()
     return metrics
 
 

@@ -32,6 +32,7 @@ from .monitor import HackingMonitor
 from .prompts import iteration_prompts, local_samples, read_prompt_file
 from .scoring import OverlappedScoring, guarded_scores
 from .state import full_optimizer_state, load_full_optimizer_state
+from .trackers import check_trackers, hyperparameters, init_kwargs, log_image, tracker_names
 
 
 class NonFiniteLoss(Exception):
@@ -47,7 +48,9 @@ class Trainer:
         t = cfg.train
         self.cfg, self.t, self.out = cfg, t, Path(cfg.output_dir)
         precision = {"mixed_precision": t.mixed_precision} if t.mixed_precision else {}
-        self.acc = accelerator or Accelerator(log_with="tensorboard", project_dir=str(self.out), **precision)
+        check_trackers(t.report_to)
+        self.acc = accelerator or Accelerator(log_with=tracker_names(t.report_to) or None, project_dir=str(self.out),
+                                              **precision)
         check_launch(self.acc.num_processes, torch.cuda.is_available())
         check_engine(self.acc.distributed_type.name, t)
         check_training(cfg, self.acc.num_processes)  # before anything heavy loads
@@ -75,8 +78,7 @@ class Trainer:
         for modifier in self.modifiers:
             modifier.setup(self)
         self.monitor = HackingMonitor(self) if cfg.monitor.every else None
-        if self.acc.is_main_process:
-            self.acc.init_trackers("flowalign")
+        self.acc.init_trackers(t.tracker_project, config=hyperparameters(cfg), init_kwargs=init_kwargs(self.out))
 
     def _prepare_policy(self) -> None:
         """LoRA (seeded) or full fine-tuning, gradient checkpointing, AdamW, accelerate's prepare, EMA."""
@@ -245,10 +247,12 @@ class Trainer:
         bar.update(1)
         bar.set_postfix(reward=f"{metrics['reward/mean']:.4f}")
         due = self.t.checkpoint_every and self.iteration % self.t.checkpoint_every == 0
-        if due or (alarm and self.cfg.monitor.on_alarm != "warn"):
+        checkpoint = due or (alarm and self.cfg.monitor.on_alarm != "warn")
+        if checkpoint:
             self.activity = f"checkpoint-{self.iteration}"
             self.save_checkpoint()
-            self.log_samples(batch.media)
+        if checkpoint or self.iteration == 1:  # the base model's rollouts, then the policy's at each checkpoint
+            self.log_samples(batch.media, self.iteration - 1)
 
     def _watch(self, metrics: dict[str, float]) -> str | None:
         """The monitor's guard metrics into ``metrics`` when due; its alarm line (printed once) if one fires."""
@@ -279,20 +283,17 @@ class Trainer:
         return (f"the last good state is in {found} (resume with --resume_from_checkpoint latest)" if found
                 else "no checkpoint was written before it (nothing to resume)")
 
-    def log_samples(self, media: torch.Tensor | None) -> None:
-        """A grid of the latest samples in tensorboard (main process); video: a row of frames per clip."""
+    def log_samples(self, media: torch.Tensor | None, iteration: int) -> None:
+        """A grid of the rollouts of ``iteration`` (sampled before its update) to the trackers (main process);
+        video: a row of frames per clip."""
         if not self.acc.is_main_process or media is None or self.gen.modality not in ("image", "video"):
             return
         from torchvision.utils import make_grid
 
-        try:
-            writer = self.acc.get_tracker("tensorboard", unwrap=True)
-        except (ValueError, AttributeError):
-            return
         media, nrow = media[:16].float().cpu(), 8
         if media.ndim == 5:  # video [B,F,3,H,W]
             media, nrow = media[:8].flatten(0, 1), media.shape[1]
-        writer.add_image("samples", make_grid(media, nrow=nrow), self.iteration)
+        log_image(self.acc, "samples", make_grid(media, nrow=nrow), iteration)
 
     # ------------------------------------------------------------------ checkpoints
 
