@@ -119,6 +119,16 @@ def _cmd_train(args: argparse.Namespace) -> None:
     train(*_config_and_overrides(args), resume=args.resume_from_checkpoint)
 
 
+def _cmd_share(args: argparse.Namespace) -> None:
+    """Rewrite a run's model card (for the repo it goes to) and push its final LoRA to the Hub."""
+    from .sharing import check_push, share
+
+    if args.push_to_hub:
+        check_push(args.push_to_hub)
+    where = share(args.run_dir, args.push_to_hub, private=args.private)
+    print(f"pushed to {where}" if args.push_to_hub else f"model card in {Path(where) / 'README.md'}")
+
+
 def _cmd_embed_prompts(args: argparse.Namespace) -> None:
     """Encode a run's prompts (its prompt file and negative prompt) once and save them for train.prompt_embeds."""
     from .checks import check_output_dir
@@ -274,6 +284,13 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume_from_checkpoint", "--resume-from-checkpoint", default=None,
                     help="'latest' (the newest checkpoint under output_dir/checkpoints) or a checkpoint folder")
     tr.set_defaults(func=_cmd_train)
+
+    shr = sub.add_parser("share", help="a trained LoRA's model card, and a push to the Hugging Face Hub")
+    shr.add_argument("run_dir", help="a flowalign train output folder (its final/ LoRA, report/ and card)")
+    shr.add_argument("--push-to-hub", default=None, metavar="OWNER/NAME",
+                     help="the model repo to push final/ to (created if needed); without it the card is rewritten")
+    shr.add_argument("--private", action="store_true", help="create the repo private")
+    shr.set_defaults(func=_cmd_share)
 
     emb = sub.add_parser("embed-prompts", help="precompute a run's prompt embeddings (train.prompt_embeds)")
     emb.add_argument("config", nargs="?", default=None, help="a YAML config (its model, prompt file, negative prompt)")

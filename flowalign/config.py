@@ -129,6 +129,8 @@ class TrainConfig:
         "tensorboard", doc="experiment trackers: the metrics, the config and sample grids (all: each of the three "
         "that is installed)")
     tracker_project: str = bounded("flowalign", doc="the trackers' project name (a run is named after output_dir)")
+    hub_model_id: str | None = bounded(None, doc="push the final LoRA with its model card to this Hub repo "
+                                       "(owner/name) at the end; None: the card is written in final/ only")
 
 
 @dataclass
@@ -224,6 +226,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), cls: 
 
     check_run(cfg, where)
     return cfg
+
+
+def config_dict(cfg: RunConfig) -> dict:
+    """A run's whole config as the mapping a config file holds (the method's options under the method's name):
+    ``load_config`` of its YAML gives the same config back."""
+    import dataclasses
+    import json
+
+    data = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+    data.pop("options"), data.pop("modifiers")
+    data[cfg.method] = json.loads(json.dumps(dataclasses.asdict(cfg.options), default=str))
+    if cfg.modifiers:
+        data["modifiers"] = {name: json.loads(json.dumps(dataclasses.asdict(options), default=str))
+                             for name, options in cfg.modifiers.items()}
+    return data
 
 
 def _set_dotted(data: dict, key: str, value: Any) -> None:

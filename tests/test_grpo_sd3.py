@@ -107,6 +107,29 @@ def test_loaded_lora_is_the_trained_policy(trained, pipes):
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
 
 
+@torch.no_grad()
+def test_the_shared_folder_loads_with_load_lora_weights(tiny_dir, trained, pipes):
+    """``final/`` with its model card (README.md, images/): the card's code names the pipeline and its LoRA loader,
+    and a fresh pipeline loading the folder samples exactly what the pipeline that loaded the bare LoRA sampled."""
+    from huggingface_hub import ModelCard
+
+    from flowalign.sharing import facts_of, write_model_card
+
+    trainer, final = trained
+    write_model_card(final.parent, facts_of(trainer.cfg, trainer.gen.lora_format, {}), "someone/sd3-lora")
+    card = ModelCard.load(final / "README.md")
+    assert card.data.base_model == str(tiny_dir) and "text-to-image" in card.data.tags
+    assert f"pipe = StableDiffusion3Pipeline.from_pretrained({str(tiny_dir)!r}" in card.text
+    assert "pipe.load_lora_weights('someone/sd3-lora')" in card.text
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_dir, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(final)
+    latents = torch.randn((2, 4, 32, 32), generator=torch.Generator().manual_seed(0))
+    images = pipe(PROMPTS[:2], num_inference_steps=3, guidance_scale=3.0, latents=latents, height=32, width=32,
+                  output_type="pt").images
+    assert torch.equal(images, pipes[2])
+
+
 @pytest.mark.parametrize("method", ["diffusion_nft", "awm", "dgpo"])
 def test_forward_process_methods_train_sd3(tiny_dir, method, tmp_path):
     """DiffusionNFT, AWM and DGPO on the tiny SD3 with their SD3.5 configs' settings (shrunk): an iteration each,

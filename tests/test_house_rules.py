@@ -17,7 +17,8 @@ PACKAGES = {"flowalign": "flowalign", "app": "flowalign.app", "rewards": "flowal
 PUBLIC = ("flowalign", "flowalign.config", "flowalign.errors", "flowalign.generators", "flowalign.generators.base",
           "flowalign.inference", "flowalign.optimize", "flowalign.optimize_config", "flowalign.evaluate",
           "flowalign.rewards", "flowalign.methods", "flowalign.training", "flowalign.training.run",
-          "flowalign.toy.build", "flowalign.app", "flowalign.checks", "flowalign.files", "flowalign.config_keys")
+          "flowalign.toy.build", "flowalign.app", "flowalign.checks", "flowalign.files", "flowalign.config_keys",
+          "flowalign.sharing")
 
 
 def sources() -> dict[str, Path]:

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import RunConfig, load_config
+import yaml
+
+from ..config import RunConfig, config_dict, load_config
 from ..errors import FlowalignError
+from ..sharing import check_push, facts_of, share, write_model_card
 from . import make_trainer
 from .monitor import monitor_summary
 from .report import evaluate_policy, heldout_prompts, write_report
@@ -17,7 +20,11 @@ def train(config: str | Path | RunConfig | None = None, overrides: list[str] = (
     """Run a training job (any registered method); returns the report's metrics (reward before/after, history,
     paths)."""
     cfg = config if isinstance(config, RunConfig) else load_config(config, list(overrides))
+    if cfg.train.hub_model_id:
+        check_push(cfg.train.hub_model_id, "train.hub_model_id")  # before anything loads
     trainer = make_trainer(cfg)
+    if trainer.acc.is_main_process:  # what the run was, readable and loadable again (flowalign train config.yaml)
+        (Path(cfg.output_dir) / "config.yaml").write_text(yaml.safe_dump(config_dict(cfg), sort_keys=False))
     try:
         return _train_and_report(trainer, cfg, resume, progress, print_fn)
     finally:  # the trackers flush and close even when training stops on an error
@@ -47,6 +54,13 @@ def _train_and_report(trainer, cfg: RunConfig, resume: str | None, progress: boo
                      f"{Path(cfg.output_dir) / 'report'}, LoRA in {final}")
             if trainer.monitor is not None:
                 print_fn(monitor_summary(trainer.monitor.first, history, trainer.monitor.alarm))
+        if trainer.acc.is_main_process and trainer.lora:
+            card = write_model_card(cfg.output_dir, facts_of(cfg, trainer.gen.lora_format, metrics),
+                                    cfg.train.hub_model_id)
+            if cfg.train.hub_model_id:
+                print_fn(f"pushed {final} with its model card to {share(cfg.output_dir, cfg.train.hub_model_id)}")
+            else:
+                print_fn(f"model card in {card} (share it: flowalign share {cfg.output_dir} --push-to-hub OWNER/NAME)")
     except OSError as err:
         raise FlowalignError(f"could not write {err.filename or cfg.output_dir}: {err.strerror or err} (the "
                              f"checkpoints under {trainer.out / 'checkpoints'} are intact)") from None
