@@ -1,5 +1,6 @@
 """The reward-hacking monitor: guard metrics on fixed held-out prompts and seeds, the alarm rule, its actions, and
-that it fires on a run hacking its reward (the uncapped bold digits) and stays quiet on the capped recipe."""
+that it fires on a run hacking its reward (the uncapped bold digits). That it stays quiet on the defended demo is
+tested on ``make demo``'s own run (tests/test_readme.py)."""
 import pytest
 import torch
 
@@ -58,27 +59,23 @@ def test_bad_monitor_settings_are_one_line_errors(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_monitor_fires_on_the_uncapped_run_and_stays_quiet_on_the_capped_one(tmp_path):
+def test_the_monitor_fires_on_the_uncapped_run(tmp_path):
     """The uncapped bold reward floods the frame with ink: the toy CLIP score of the prompt falls while the reward
-    rises, the monitor warns once, checkpoints at the alarm, and draws its guards in the report. The capped reward,
-    same monitor and budget, keeps its guards (measured: CLIP score 73.0 -> 56.8 uncapped, 73.0 -> 71.4 capped;
-    the judge 1.0 -> 0.97 and 1.0 -> 1.0)."""
+    rises, the monitor warns once, checkpoints at the alarm, and draws its guards in the report (measured: CLIP
+    score 73.0 -> 56.8, the judge 1.0 -> 0.97; the capped demo keeps 73 -> 72.9 and 1 -> 1)."""
     budget = ["train.iterations=20", "train.eval_prompts=8", "train.eval_steps=10", "train.checkpoint_every=0"]
     lines = []
     hacked = train(UNCAPPED, [*budget, f"output_dir={tmp_path / 'uncapped'}"], progress=False, print_fn=lines.append)
     alarms = [h for h in hacked["history"] if h.get("monitor/alarm")]
     assert len(alarms) == 1 and "toy/clipscore fell" in hacked["monitor"]["alarm"]
+    assert [h["iteration"] for h in hacked["history"] if "monitor/reward" in h] == [4, 9, 14, 19]
     at = alarms[0]["iteration"] + 1
     assert (tmp_path / "uncapped" / "checkpoints" / f"checkpoint-{at}").is_dir()
     assert (tmp_path / "uncapped" / "report" / "monitor.png").is_file()
+    assert any(line.startswith("monitor: alarm over 4 evaluations") for line in lines)
     view = read_run(tmp_path / "uncapped")  # the app's Train tab: the guard plot and the monitor's scalars
     assert "report/monitor.png" in [caption for _, caption in view.images]
     assert {"monitor/toy/clipscore", "monitor/alarm"} <= set(view.scalars)
-    capped = train(UNCAPPED, [*budget, "reward.options={}", f"output_dir={tmp_path / 'capped'}"], progress=False,
-                   print_fn=lines.append)
-    assert capped["monitor"]["alarm"] is None and not any(h.get("monitor/alarm") for h in capped["history"])
-    assert [h["iteration"] for h in capped["history"] if "monitor/reward" in h] == [4, 9, 14, 19]
-    assert capped["reward_after"] > hacked["reward_after"]
 
 
 @pytest.mark.slow

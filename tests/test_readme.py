@@ -1,4 +1,6 @@
-"""The README's Python example runs as written (in a temporary output folder) and its links resolve."""
+"""The README's Python example runs as written (in a temporary output folder), ``make demo`` prints the README's
+figures, and the links resolve."""
+import json
 import re
 from pathlib import Path
 
@@ -15,6 +17,28 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     exec(compile(code.replace("outputs/quick", str(tmp_path / "quick")), "README.md", "exec"), {})
     assert (tmp_path / "quick" / "final" / "pytorch_lora_weights.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_make_demo_prints_the_readme_figures_and_its_monitor_stays_quiet(tmp_path, monkeypatch):
+    """``make demo``'s command (the Makefile's, into a temporary folder) prints the README's demo block line for
+    line, from its own report/metrics.json; and the hacking monitor, on for the demo, raises no alarm."""
+    from benchmarks import demo
+    from flowalign.training.run import train
+
+    target = re.search(r"^demo:.*\n\t\$\(BIN\)/flowalign train (\S+) (.*)$", (ROOT / "Makefile").read_text(), re.M)
+    config, overrides = target.group(1), target.group(2).split()
+    assert (config, overrides) == (demo.CONFIG, demo.OVERRIDES)  # benchmarks/demo.py renders the same run
+    block = re.search(r"<!-- figures: demo -->\n```\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    reward_line, monitor_line = block.group(1).splitlines()
+    monkeypatch.chdir(ROOT)
+    lines = []
+    metrics = train(config, [*overrides, f"output_dir={tmp_path}"], progress=False, print_fn=lines.append)
+    assert lines[0].startswith(f"{reward_line}; report in ") and lines[1] == monitor_line
+    report = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert reward_line.endswith(f"{report['reward_before']:.4f} -> {report['reward_after']:.4f}")
+    assert metrics["monitor"]["alarm"] is None and not any(h.get("monitor/alarm") for h in metrics["history"])
+    assert monitor_line.startswith("monitor: no alarm over 3 evaluations")
 
 
 def test_every_relative_link_in_the_docs_resolves():
