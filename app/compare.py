@@ -28,8 +28,9 @@ class CompareSample:
     scores: dict[str, float]
 
     def caption(self) -> str:
-        scores = " · ".join(f"{k} {v:.3f}" for k, v in self.scores.items())
-        return f"{self.variant} · {self.prompt} · seed {self.seed} · {scores}"
+        """Short enough to show whole under a tile: the row is the prompt and seed, the table below names the
+        rewards (in this order)."""
+        return f"{self.variant} · seed {self.seed} · " + " / ".join(f"{v:.3f}" for v in self.scores.values())
 
 
 @dataclass

@@ -30,7 +30,7 @@ class OptimiseStep:
     row_labels: list[str]
     media: torch.Tensor | None                  # [R, ...] this iterate's media (None on the final report)
     rewards: list[float]                        # [R] this iterate's reward per row
-    trajectory: list[tuple[int, float, str]]    # (step, reward, series) for the plot
+    trajectory: list[tuple[int, float, str]]    # (step, reward, series): each reward x weight, the total, the best
     best: float
     nfe: int
     result: OptimizeResult | None = None
@@ -124,9 +124,20 @@ def run_optimise(cache: ModelCache, limits: Limits, model: str, method: str, pro
         if progress.result is None and progress.stage != "explore":
             count += 1
             names = labels if len(rewards_now) == len(labels) else [f"row {r}" for r in range(len(rewards_now))]
-            steps_done += [(count, r, name) for r, name in zip(rewards_now, names)]
-            steps_done.append((count, best, "best so far"))
+            steps_done += [(count, r, f"total · {name}") for r, name in zip(rewards_now, names)]
+            if len(weights) > 1 and progress.images is not None:  # what each reward adds to the leading row
+                lead = max(range(len(rewards_now)), key=rewards_now.__getitem__)
+                steps_done += [(count, value, name) for name, value in
+                               weighted_parts(cache, weights, progress.images[lead:lead + 1], prompts[0]).items()]
+            steps_done.append((count, best, "best total so far"))
         yield OptimiseStep(method, progress.stage, progress.iteration, progress.total, gen.modality, labels,
                            progress.images, rewards_now, list(steps_done), best, progress.nfe, progress.result,
                            settings)
 
+
+
+@torch.no_grad()
+def weighted_parts(cache: ModelCache, weights: dict[str, float], media: torch.Tensor, prompt: str) -> dict[str, float]:
+    """``NAME × WEIGHT`` -> that reward's weighted score of one sample (the parts sum to the plotted total)."""
+    return {f"{name} × {weight:g}": weight * float(cache.reward(name, media.device).score(media, [prompt])[0])
+            for name, weight in weights.items()}

@@ -1,20 +1,16 @@
 """The Gradio page: three tabs (Compare, Optimise, Train) over the pure functions of this package.
 
-Only this module imports gradio. Every handler turns an error into one sentence in the page
-(``gr.Error``), never a traceback; unexpected errors are logged on the server with their traceback.
+Only this module and ``page_errors`` import gradio. Every handler turns an error into one sentence in the page
+(``gr.Error``, see ``page_errors``), never a traceback.
 """
 from __future__ import annotations
 
-import functools
-import inspect
-import logging
 import os
 import shutil
 import tempfile
 import uuid
 from pathlib import Path
 
-from ..errors import FlowalignError
 from .access import Access
 from .compare import CompareResult, run_compare
 from .config import AppConfig
@@ -22,53 +18,15 @@ from .guard import RequestGuard, endpoint_inputs
 from .media import display_image, media_settings, write_media
 from .models import ModelCache
 from .optimise import OptimiseStep, parse_weights, run_optimise
+from .page_errors import in_page_errors
 from .runs import find_checkpoints, find_runs, read_run
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import gradio as gr  # noqa: E402
 import pandas as pd  # noqa: E402
 
-log = logging.getLogger("flowalign.app")
 GALLERY_MAX = 48  # newest per-iteration images kept in the Optimise gallery
 KEEP_REQUESTS = 200  # request folders of result files kept in the work folder
-
-
-def one_line(err: BaseException) -> str:
-    """The first line of an error's message (the whole message of a user error)."""
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
-def page_error(err: BaseException) -> "gr.Error":
-    """A user error as it is; anything else as a short sentence (its traceback goes to the server log)."""
-    from ..rewards import RewardError
-
-    if isinstance(err, gr.Error):
-        return err
-    if isinstance(err, (FlowalignError, RewardError)):
-        return gr.Error(one_line(err), print_exception=False)
-    log.error("flowalign app: unexpected error", exc_info=err)
-    return gr.Error(f"Something went wrong: {type(err).__name__}: {one_line(err)}", print_exception=False)
-
-
-def in_page_errors(fn):
-    """Wrap a handler (plain or generator) so any error reaches the page as ``gr.Error`` with one sentence."""
-    if inspect.isgeneratorfunction(fn):
-        @functools.wraps(fn)
-        def stream(*args):
-            try:
-                yield from fn(*args)
-            except Exception as err:  # noqa: BLE001 - every error becomes one sentence in the page
-                raise page_error(err) from None
-        return stream
-
-    @functools.wraps(fn)
-    def call(*args):
-        try:
-            return fn(*args)
-        except Exception as err:  # noqa: BLE001
-            raise page_error(err) from None
-    return call
 
 
 class App:
@@ -250,9 +208,18 @@ class App:
         return "\n".join(lines), curves, table, [(image, caption) for image, caption in view.images]
 
     def refresh(self):
-        """New runs and checkpoints written since the page opened."""
-        return gr.update(choices=self.checkpoint_choices()), gr.update(choices=self.checkpoint_choices()), \
+        """The checkpoint and run lists as they are now (on page load and when a list is opened)."""
+        checkpoints = self.checkpoint_choices()
+        return gr.update(choices=checkpoints), gr.update(choices=["", *checkpoints]), \
             gr.update(choices=self.run_choices())
+
+    def train_intro(self) -> str:
+        """What the Train tab says before a run is opened: how to get one when there is none."""
+        if self.run_choices():
+            return "Choose a run and press **Open**."
+        return (f"No training runs under `{self.cfg.runs_root}` yet. `flowalign train "
+                f"configs/toy/digits_flow_grpo.yaml output_dir={self.cfg.runs_root}/digits` writes one; it is listed "
+                "here once it has a checkpoint.")
 
 
 def build_app(cfg: AppConfig, cache: ModelCache | None = None) -> "gr.Blocks":
@@ -265,6 +232,9 @@ def build_app(cfg: AppConfig, cache: ModelCache | None = None) -> "gr.Blocks":
     with gr.Blocks(title="flowalign", analytics_enabled=False) as demo:
         gr.Markdown("## flowalign: compare aligned checkpoints, optimise noise live, view training runs")
         with gr.Tab("Compare", id="compare"):
+            gr.Markdown("The base model and each aligned LoRA on the same prompts and seeds, scored by the rewards "
+                        "you tick." + ("" if checkpoints else " No LoRA found yet: train one (Train tab) or list it "
+                                       "under `checkpoints:` in the app config."), elem_id="compare-intro")
             with gr.Row():
                 c_model = gr.Dropdown(cfg.models, value=cfg.models[0], label="Base model", allow_custom_value=custom,
                                       elem_id="compare-model")
@@ -287,10 +257,14 @@ def build_app(cfg: AppConfig, cache: ModelCache | None = None) -> "gr.Blocks":
                 c_rewards = gr.CheckboxGroup(cfg.rewards, value=cfg.default_rewards, label="Score with")
                 c_extra = gr.Textbox(label="More rewards (comma-separated registry names)", placeholder="pickscore")
             c_run = gr.Button("Compare", variant="primary", elem_id="compare-run")
+            gr.Examples([["\n".join(cfg.prompts[i:i + 2]), min(2, lim.max_samples)]
+                         for i in range(0, min(len(cfg.prompts), 6), 2)],
+                        [c_prompts, c_samples], label="Example prompts")
             c_summary = gr.Markdown(elem_id="compare-summary")
             with gr.Row():
-                c_gallery = gr.Gallery(label="Samples (one row per prompt and seed: base, then each checkpoint)",
-                                       columns=2, height=520, object_fit="contain", elem_id="compare-gallery", scale=3)
+                c_gallery = gr.Gallery(label="Samples: a row per prompt and seed (base, then each checkpoint); "
+                                       "captions: model · seed · the scores in the table's order", columns=2,
+                                       height="auto", object_fit="contain", elem_id="compare-gallery", scale=3)
                 with gr.Column(scale=2):
                     c_pair = gr.Dropdown([], label="Before / after", visible=False, elem_id="compare-pair")
                     c_slider = gr.ImageSlider(label="base | aligned", visible=False, elem_id="compare-slider")
@@ -301,6 +275,8 @@ def build_app(cfg: AppConfig, cache: ModelCache | None = None) -> "gr.Blocks":
             c_table = gr.Dataframe(label="Reward scores", interactive=False, elem_id="compare-table")
             c_state = gr.State()
         with gr.Tab("Optimise", id="optimise"):
+            gr.Markdown("Optimise one prompt's initial noise against the ticked rewards, live: ReNO follows their "
+                        "gradients, CARINOX also explores seeds, best-of-N only samples.", elem_id="optimise-intro")
             with gr.Row():
                 o_model = gr.Dropdown(cfg.models, value=cfg.models[0], label="Model", allow_custom_value=custom)
                 o_ckpt = gr.Dropdown(["", *checkpoints], value="", label="Checkpoint (optional LoRA)",
@@ -322,6 +298,8 @@ def build_app(cfg: AppConfig, cache: ModelCache | None = None) -> "gr.Blocks":
                 o_steps = gr.Slider(1, lim.max_steps, value=steps_default, step=1, label="Steps")
                 o_k = gr.Slider(1, lim.max_carinox_seeds, value=min(2, lim.max_carinox_seeds), step=1,
                                 label="CARINOX seeds (k)")
+            gr.Examples([[prompt, method] for prompt, method in zip(cfg.prompts, ("reno", "carinox", "best-of-n"))],
+                        [o_prompt, o_method], label="Examples")
             with gr.Row():
                 o_run = gr.Button("Run", variant="primary", elem_id="optimise-run")
                 o_stop = gr.Button("Stop", variant="stop", elem_id="optimise-stop")
@@ -329,21 +307,23 @@ def build_app(cfg: AppConfig, cache: ModelCache | None = None) -> "gr.Blocks":
             with gr.Row():
                 o_gallery = gr.Gallery(label="Iterates (newest last)", columns=5, height=420, object_fit="contain",
                                        elem_id="optimise-gallery")
-                o_plot = gr.LinePlot(x="step", y="reward", color="series", label="Reward trajectory",
-                                     elem_id="optimise-plot")
+                o_plot = gr.LinePlot(x="step", y="reward", color="series", elem_id="optimise-plot",
+                                     label="Reward per iteration: each reward × its weight (of the leading seed), "
+                                           "their weighted total per seed, the best total so far")
             with gr.Row():
                 o_best = gr.Image(label="Best so far", elem_id="optimise-best")
                 o_best_video = gr.Video(label="Best", visible=False)
                 o_best_audio = gr.Audio(label="Best", visible=False)
                 o_file = gr.File(label="Download the best result", elem_id="optimise-file")
         with gr.Tab("Train", id="train"):
+            gr.Markdown("A training run's reward curves, last logged values and sample grids (iteration 0: the base "
+                        "model's), read from its output folder.", elem_id="train-intro")
             with gr.Row():
                 t_run = gr.Dropdown(app.run_choices(), value=next(iter(app.run_choices()), None),
                                     allow_custom_value=custom, label="Training run (output folder)",
                                     elem_id="train-run")
                 t_open = gr.Button("Open", variant="primary", elem_id="train-open")
-                t_refresh = gr.Button("Refresh lists")
-            t_summary = gr.Markdown(elem_id="train-summary")
+            t_summary = gr.Markdown(app.train_intro(), elem_id="train-summary")
             t_plot = gr.LinePlot(x="iteration", y="value", color="metric", label="Reward curves", elem_id="train-plot")
             t_table = gr.Dataframe(label="Last logged values", interactive=False, elem_id="train-table")
             t_gallery = gr.Gallery(label="Sample grids", columns=3, height=420, object_fit="contain",
@@ -363,7 +343,10 @@ def build_app(cfg: AppConfig, cache: ModelCache | None = None) -> "gr.Blocks":
         o_stop.click(None, None, None, cancels=[run_event], api_name=False)
         t_open.click(in_page_errors(app.open_run), [t_run], [t_summary, t_plot, t_table, t_gallery],
                      api_name="open_run")
-        t_refresh.click(in_page_errors(app.refresh), None, [c_ckpts, o_ckpt, t_run], api_name=False)
+        lists = [c_ckpts, o_ckpt, t_run]  # runs and LoRAs written after the page opened appear without a reload
+        demo.load(in_page_errors(app.refresh), None, lists, api_name=False, show_progress="hidden")
+        for listing in lists:
+            listing.focus(in_page_errors(app.refresh), None, lists, api_name=False, show_progress="hidden")
     demo.queue(default_concurrency_limit=cfg.server.concurrency, max_size=cfg.server.max_queue)
     demo.flowalign_app = app  # the shared state, for tests and embedding
     return demo

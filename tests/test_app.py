@@ -6,7 +6,9 @@ on a free port of 127.0.0.1 in a background thread. Screenshots go to pytest's t
 """
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -162,13 +164,19 @@ def test_optimise_streams_and_cancels_cleanly(cache):
     steps = list(run_optimise(cache, Limits(), "toy/digits", "reno", PROMPT, {"toy/bold_digit": 1.0}, seed=0,
                               iterations=3, lr=5.0, steps=4))
     assert [s.iteration for s in steps[:3]] == [1, 2, 3] and steps[-1].result is not None
-    assert [len(s.trajectory) for s in steps[:3]] == [2, 4, 6]  # the row and "best so far" per iteration
+    assert [len(s.trajectory) for s in steps[:3]] == [2, 4, 6]  # the row's total and the best total per iteration
+    assert {series for _, _, series in steps[2].trajectory} == {"total · seed 0", "best total so far"}
     bests = [s.best for s in steps]
     assert bests == sorted(bests) and steps[-1].best == pytest.approx(float(steps[-1].result.rewards[0]))
     assert steps[0].media.shape == (1, 3, 16, 16) and "done" in steps[-1].status()
     carinox = list(run_optimise(cache, Limits(), "toy/digits", "carinox", PROMPT, {"toy/bold_digit": 1.0},
                                 iterations=2, steps=4, k=2))
     assert carinox[0].row_labels == ["seed 0", "seed 94"] and len(carinox[0].rewards) == 2
+    two = list(run_optimise(cache, Limits(), "toy/digits", "reno", PROMPT, {"toy/bold_digit": 2.0, "toy/ink": 0.5},
+                            iterations=2, steps=4))
+    points = {series: value for step, value, series in two[1].trajectory if step == 2}
+    assert set(points) == {"total · seed 0", "toy/bold_digit × 2", "toy/ink × 0.5", "best total so far"}
+    assert points["toy/bold_digit × 2"] + points["toy/ink × 0.5"] == pytest.approx(points["total · seed 0"], rel=1e-4)
     stream = run_optimise(cache, Limits(), "toy/digits", "best-of-n", PROMPT, {"toy/ink": 1.0}, iterations=10, steps=4)
     next(stream)
     stream.close()
@@ -316,8 +324,8 @@ def test_client_compare_optimise_and_run_view(client, runs_root):
     summary, gallery, table, pair, slider, video_a, *_ = map(_value, outputs)
     assert "4 steps, CFG 3, LoRA scale 1. Mean reward per model" in summary and "tiny/final" in summary
     assert len(gallery) == 4 and all(Path(item["image"]).is_file() for item in gallery)
-    assert gallery[1]["caption"].startswith("tiny/final · a handwritten seven · seed 0 · toy/bold_digit 0.")
-    assert re.search(r"toy/ink \d\.\d{3}$", gallery[0]["caption"])
+    assert re.fullmatch(r"tiny/final · seed 0 · 0\.\d{3} / 0\.\d{3}", gallery[1]["caption"])
+    assert gallery[0]["caption"].startswith("base · seed 0 · ")
     assert table["headers"] == ["prompt", "seed", "model", "toy/bold_digit", "toy/ink"] and len(table["data"]) == 4
     assert ([row[2] for row in table["data"]] == ["base", "tiny/final"] * 2
             and all(0 <= r[3] <= 1 for r in table["data"]))
@@ -328,7 +336,7 @@ def test_client_compare_optimise_and_run_view(client, runs_root):
         api_name="/optimise"))
     assert re.fullmatch(r"reno: done · best reward 0\.\d{4} · 20 NFE", status)
     assert [g["caption"][:10] for g in gallery] == ["optimize 1", "optimize 2", "optimize 3"]
-    assert [row[2] for row in plot["data"]] == ["seed 0", "best so far"] * 3
+    assert [row[2] for row in plot["data"]] == ["total · seed 0", "best total so far"] * 3
     assert Path(download).name == "best_reno_seed0.png" and Path(best).is_file()
     summary, curves, table, grids = client.predict(str(runs_root / "tiny"), api_name="/open_run")
     assert "iterations logged: 2" in summary and len(grids) == 5
@@ -437,12 +445,20 @@ def _tab(driver, name: str) -> None:
 
 
 @pytest.mark.slow
-def test_browser_compare_optimise_train(browser, server, tmp_path):
-    url, _ = server
-    shots = tmp_path / "screenshots"
-    shots.mkdir()
+def test_browser_compare_optimise_train(browser, server, runs_root, tmp_path):
+    from selenium.webdriver.common.keys import Keys
+
+    url, root = server[0], runs_root
+    shots = Path(os.environ.get("FLOWALIGN_SCREENSHOTS") or tmp_path / "screenshots")  # docs/images: the README's
+    shots.mkdir(exist_ok=True)
     browser.get(url)
     _wait(browser, lambda d: d.find_element("css selector", "#compare-run"), what="the page")
+    for tab in ("Optimise", "Train", "Compare"):  # each tab opens with its description and examples, no error badge
+        _tab(browser, tab)
+        intro = _wait(browser, lambda d: _text(d, f"#{tab.lower()}-intro"), what=f"the {tab} tab's description")
+        assert len(intro) > 40 and "Error" not in browser.find_element("tag name", "body").text, tab
+        if tab != "Train":
+            assert "Example" in browser.find_element("tag name", "body").text, tab
     # Compare: a prompt typed in, base vs the discovered checkpoint, two seeds
     _type(browser, "#compare-prompts textarea", "the digit 3")
     browser.execute_script("document.querySelector('#compare-run').click()")
@@ -452,7 +468,8 @@ def test_browser_compare_optimise_train(browser, server, tmp_path):
     assert "the digit 3" in table and "tiny/final" in table and re.search(r"\b0\.\d{2,4}\b", table)
     assert "Mean reward per model" in _text(browser, "#compare-summary")
     assert browser.find_elements("css selector", "#compare-slider img"), "the before/after slider shows images"
-    browser.save_screenshot(str(shots / "compare.png"))
+    assert "Error" not in browser.find_element("tag name", "body").text  # the README shows it
+    browser.save_screenshot(str(shots / "app_compare.png"))
     # Optimise: 3 iterations typed into the slider's box (the default is 5), streamed, best downloadable
     _tab(browser, "Optimise")
     _type(browser, "#optimise-prompt textarea", PROMPT)
@@ -464,21 +481,30 @@ def test_browser_compare_optimise_train(browser, server, tmp_path):
     assert len(browser.find_elements("css selector", "#optimise-gallery img")) == 3
     assert "best_reno" in _text(browser, "#optimise-file")
     assert browser.find_elements("css selector", "#optimise-plot canvas, #optimise-plot svg")
-    browser.save_screenshot(str(shots / "optimise.png"))
+    assert "Error" not in browser.find_element("tag name", "body").text  # the README shows it
+    browser.save_screenshot(str(shots / "app_optimise.png"))
+    # Train: a run written after the page opened is listed when the list is opened; the run's curves and grids
+    _tab(browser, "Train")
+    shutil.copytree(root / "tiny", root / "tiny_later")
+    browser.find_element("css selector", "#train-run input").click()
+    _wait(browser, lambda d: "tiny_later" in d.find_element("tag name", "body").text, what="the new run listed")
+    browser.find_element("css selector", "#train-run input").send_keys(Keys.ESCAPE)
+    shutil.rmtree(root / "tiny_later")
+    browser.execute_script("document.querySelector('#train-open').click()")
+    _wait(browser, lambda d: "iterations logged" in _text(d, "#train-summary"), what="the run summary")
+    _wait(browser, lambda d: len(d.find_elements("css selector", "#train-gallery img")) >= 2, what="sample grids")
+    assert "reward/mean" in _text(browser, "#train-table")
+    assert "Error" not in browser.find_element("tag name", "body").text  # the README shows it
+    browser.save_screenshot(str(shots / "app_train.png"))
     # An error: a prompt over the app's 60-character limit -> one sentence in a toast, no traceback
+    _tab(browser, "Optimise")
     _type(browser, "#optimise-prompt textarea", "x" * 70)
     browser.execute_script("document.querySelector('#optimise-run').click()")
     message = "prompt: 70 characters, this app takes at most 60 (limits.max_prompt_chars)"
     _wait(browser, lambda d: message in d.find_element("tag name", "body").text, what="the error toast")
     assert "Traceback" not in browser.find_element("tag name", "body").text
-    browser.save_screenshot(str(shots / "error.png"))
-    # Train: the run's reward curves and sample grids
-    _tab(browser, "Train")
-    browser.execute_script("document.querySelector('#train-open').click()")
-    _wait(browser, lambda d: "iterations logged" in _text(d, "#train-summary"), what="the run summary")
-    _wait(browser, lambda d: len(d.find_elements("css selector", "#train-gallery img")) >= 2, what="sample grids")
-    assert "reward/mean" in _text(browser, "#train-table")
-    browser.save_screenshot(str(shots / "train.png"))
+    browser.save_screenshot(str(shots / "app_error.png"))
     for name in ("compare", "optimise", "error", "train"):
-        assert (shots / f"{name}.png").stat().st_size > 10_000
+        assert (shots / f"app_{name}.png").stat().st_size > 10_000
+    (shots / "app_error.png").unlink() if "FLOWALIGN_SCREENSHOTS" in os.environ else None  # the README shows the tabs
     print(f"screenshots: {shots}")
