@@ -323,6 +323,8 @@ def build_app(cfg: AppConfig, cache: ModelCache | None = None) -> "gr.Blocks":
                                     allow_custom_value=custom, label="Training run (output folder)",
                                     elem_id="train-run")
                 t_open = gr.Button("Open", variant="primary", elem_id="train-open")
+            if app.run_choices():  # examples need something to show; with no run the summary says how to get one
+                gr.Examples([[run] for run in app.run_choices()[:4]], [t_run], label="Example runs")
             t_summary = gr.Markdown(app.train_intro(), elem_id="train-summary")
             t_plot = gr.LinePlot(x="iteration", y="value", color="metric", label="Reward curves", elem_id="train-plot")
             t_table = gr.Dataframe(label="Last logged values", interactive=False, elem_id="train-table")

@@ -159,11 +159,12 @@ def _distance_and_reward(trainer, prompts, meta) -> tuple[float, float]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("seed", [0])
 def test_w2_term_keeps_samples_closer_to_the_base(tmp_path, seed):
-    """The same run with and without the W2 bound, on two training seeds: at a comparable reward, the W2 run's
-    samples moved less from the base's (same noise), on each seed. The distances vary a lot between training
-    seeds, so the comparison is paired within a seed (measured on seeds 0, 1, 2: L2 ratios 0.86, 0.84, 0.88)."""
+    """The same run with and without the W2 bound: at a comparable reward, the W2 run's samples moved less from
+    the base's (same noise). The distances vary a lot between training seeds, so the comparison is paired within
+    a seed; the suite runs seed 0 (its time budget), and the rule held on each seed measured (0, 1, 2: L2 ratios
+    0.86, 0.84, 0.88 against the 0.95 asserted)."""
     prompts, meta = heldout_prompts(40, None)
     base_reward = rewards.load("toy/bold_digit").score(generate(
         make_trainer(load_config("configs/toy/digits_ac_flow.yaml", ["train.eval_prompts=0",

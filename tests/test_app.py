@@ -457,8 +457,7 @@ def test_browser_compare_optimise_train(browser, server, runs_root, tmp_path):
         _tab(browser, tab)
         intro = _wait(browser, lambda d: _text(d, f"#{tab.lower()}-intro"), what=f"the {tab} tab's description")
         assert len(intro) > 40 and "Error" not in browser.find_element("tag name", "body").text, tab
-        if tab != "Train":
-            assert "Example" in browser.find_element("tag name", "body").text, tab
+        assert "Example" in browser.find_element("tag name", "body").text, tab
     # Compare: a prompt typed in, base vs the discovered checkpoint, two seeds
     _type(browser, "#compare-prompts textarea", "the digit 3")
     browser.execute_script("document.querySelector('#compare-run').click()")
