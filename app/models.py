@@ -18,8 +18,8 @@ import torch
 
 from ..errors import FlowalignError
 from ..generators.base import Generator
+from ..sharing import LORA_FILE
 
-LORA_FILE = "pytorch_lora_weights.safetensors"
 MAX_ADAPTERS = 8  # LoRAs kept loaded per model
 
 

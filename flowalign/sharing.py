@@ -8,16 +8,15 @@ folder that ``pipe.load_lora_weights`` reads, locally or from the Hub.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 from pathlib import Path
 
-from .config import ConfigError, RunConfig
+from .config import ConfigError, RunConfig, config_dict
 from .errors import FlowalignError
+from .training.lora import LORA_FILE
 
 CARD = "README.md"
-LORA_FILE = "pytorch_lora_weights.safetensors"
 FIGURES = ("before", "after", "reward_curve", "monitor")  # report/NAME.png, in the card's order
 TRAIN_SETTINGS = ("prompts_per_iteration", "steps", "guidance", "lr", "updates_per_iteration", "seed")
 
@@ -45,12 +44,11 @@ class CardFacts:
 
 def facts_of(cfg: RunConfig, lora_format: tuple[str, str], metrics: dict) -> CardFacts:
     """The card's facts from a run's config, its generator's LoRA format and its report's metrics."""
-    plain = lambda value: json.loads(json.dumps(value, default=str))  # noqa: E731 - tuples, paths -> JSON types
+    written = config_dict(cfg)  # the options as the run's YAML holds them
     return CardFacts(
-        base_model=cfg.model.name, model_options=plain(cfg.model.options), pipeline_class=lora_format[0],
-        component=lora_format[1], method=cfg.method,
-        options=plain(dataclasses.asdict(cfg.options)),
-        modifiers={name: plain(dataclasses.asdict(o)) for name, o in cfg.modifiers.items()},
+        base_model=cfg.model.name, model_options=written["model"]["options"], pipeline_class=lora_format[0],
+        component=lora_format[1], method=cfg.method, options=written[cfg.method],
+        modifiers=written.get("modifiers", {}),
         rewards=dict(cfg.reward.weights), train={k: getattr(cfg.train, k) for k in TRAIN_SETTINGS},
         iterations=cfg.train.iterations, lora_rank=cfg.train.lora_rank,
         lora_alpha=cfg.train.lora_alpha, reward_before=metrics.get("reward_before"),

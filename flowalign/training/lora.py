@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+LORA_FILE = "pytorch_lora_weights.safetensors"  # what save_lora_diffusers writes and load_lora_weights reads
+
 
 def add_lora(module: nn.Module, rank: int, alpha: float, targets: list[str]) -> None:
     """Attach a LoRA adapter (gaussian A, zero B: the policy starts exactly at the base) and freeze the rest."""

@@ -6,13 +6,12 @@ trackio, and its wandb one wants a list).
 """
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 from pathlib import Path
 
 import torch
 
-from ..config import ConfigError
+from ..config import ConfigError, config_dict
 
 TRACKERS = ("tensorboard", "wandb", "trackio")
 EXTRAS = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}
@@ -46,21 +45,17 @@ def init_kwargs(out: Path) -> dict[str, dict]:
 
 
 def hyperparameters(cfg) -> dict[str, str | int | float | bool]:
-    """The run's config flattened to ``section.key`` scalars, as every tracker stores hyperparameters."""
+    """The run's config (as its YAML holds it) flattened to ``section.key`` scalars, as trackers store them."""
     flat: dict[str, str | int | float | bool] = {}
 
     def visit(prefix: str, value) -> None:
-        if dataclasses.is_dataclass(value):
-            for f in dataclasses.fields(value):
-                visit(f"{prefix}{f.name}.", getattr(value, f.name))
-        elif isinstance(value, dict) and value and all(isinstance(k, str) for k in value):
+        if isinstance(value, dict) and value:
             for key, item in value.items():
                 visit(f"{prefix}{key}.", item)
         else:
             flat[prefix[:-1]] = value if isinstance(value, (str, int, float, bool)) else str(value)
 
-    for f in dataclasses.fields(cfg):  # the method's options under the method's name, as configs write them
-        visit(f"{cfg.method}." if f.name == "options" else f"{f.name}.", getattr(cfg, f.name))
+    visit("", config_dict(cfg))
     return flat
 
 
