@@ -174,13 +174,14 @@ def whole_prompt_reasons(cfg: RunConfig) -> list[tuple[str, str]]:
     reasons = [(f"method {cfg.method}", get_method(cfg.method).whole_prompts)]
     reasons += [(f"modifiers.{n}", modifiers()[n].whole_prompts) for n in cfg.modifiers]
     reasons += [(f"reward {n}", "it judges a prompt's samples against each other") for n in cfg.reward.weights
-                if _pairwise(n)]
+                if _judges_groups(n)]
     return [(what, why) for what, why in reasons if why]
 
 
-def _pairwise(name: str) -> bool:
-    from .rewards import PairwiseReward
+def _judges_groups(name: str) -> bool:
+    """Whether a reward scores a group's samples against each other (pairwise, groupwise: ``whole_groups``)."""
+    from .rewards import Reward
     from .rewards.registry import reward_class
 
     cls = reward_class(name)
-    return isinstance(cls, type) and issubclass(cls, PairwiseReward)
+    return isinstance(cls, type) and issubclass(cls, Reward) and cls.whole_groups

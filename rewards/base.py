@@ -40,6 +40,9 @@ class Reward(nn.Module):
     batch_size: int = 64
     #: Check the range of the input (one host sync per call; turn off in a hot loop you trust).
     check_range: bool = True
+    #: Scores a group's samples against each other (pairwise, groupwise): a training run keeps each prompt's
+    #: samples on one process and never rescores them one at a time.
+    whole_groups: bool = False
 
     def _score(self, media: torch.Tensor, prompts: list[str], metadata: list[dict]) -> torch.Tensor:
         raise NotImplementedError
@@ -122,6 +125,7 @@ class PairwiseReward(Reward):
 
     dimensions: tuple[str, ...] = ()
     dimension_weights: dict[str, float] | None = None
+    whole_groups = True
 
     def _prefer(self, a: torch.Tensor, b: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         raise NotImplementedError
@@ -205,6 +209,7 @@ class CompositeReward(Reward):
             self.name = f"{objective}({self.name})"
         self.differentiable = all(r.differentiable for r in rewards.values())
         self.modality = next(iter(rewards.values())).modality
+        self.whole_groups = any(r.whole_groups for r in rewards.values())
         self.stats: dict[str, tuple[float, float]] = {}
 
     def check_media(self, media) -> None:  # each part checks its own input

@@ -9,6 +9,7 @@ from typing import Callable
 
 from .base import CompositeReward, PairwiseReward, Reward, SetReward
 from .errors import RewardError
+from .groupwise import GroupwiseReward
 
 ENTRY_POINT_GROUP = "flowalign.rewards"
 
@@ -48,6 +49,9 @@ BUILTIN: dict[str, str | Callable[..., Reward]] = {
     "hpsv2.1": "flowalign.rewards.hps:HPSv21",
     "aesthetic": "flowalign.rewards.aesthetic:LaionAesthetic",
     "imagereward": "flowalign.rewards.imagereward:ImageReward",
+    "hpsv3": "flowalign.rewards.hpsv3:HPSv3",
+    "ocr": "flowalign.rewards.ocr:OCRReward",
+    "edit/clip-i": "flowalign.rewards.source_similarity:SourceSimilarity",
     # video
     "video/frames": "flowalign.rewards.video:FrameAggregatedReward",
     "video/temporal": "flowalign.rewards.video:TemporalConsistencyReward",
@@ -71,6 +75,9 @@ BUILTIN: dict[str, str | Callable[..., Reward]] = {
     # served elsewhere
     "http": "flowalign.rewards.remote:HTTPReward",
     "vlm-judge": "flowalign.rewards.remote:VLMJudge",
+    "geneval": "flowalign.rewards.geneval:GenEvalReward",
+    # groupwise
+    "rank": "flowalign.rewards.groupwise:RankReward",
 }
 
 
@@ -123,7 +130,8 @@ def describe(name: str) -> dict[str, str]:
     if not (isinstance(cls, type) and issubclass(cls, Reward)):
         return {"kind": "-", "modality": "-", "differentiable": "-", "loads": "-",
                 "description": "not a reward: an encoder other rewards embed with"}
-    kind = "pairwise" if issubclass(cls, PairwiseReward) else "set" if issubclass(cls, SetReward) else "pointwise"
+    kinds = [(PairwiseReward, "pairwise"), (GroupwiseReward, "groupwise"), (SetReward, "set")]
+    kind = next((kind for base, kind in kinds if issubclass(cls, base)), "pointwise")
     doc = (target.__doc__ or cls.__doc__ or "").strip().splitlines()
     differentiable = getattr(target, "differentiable", cls.differentiable)
     return {"kind": kind, "modality": getattr(target, "modality", cls.modality),
@@ -146,6 +154,8 @@ def _loads(target, cls) -> str:
     for key in ("encoder", "image_reward"):
         if isinstance(default(key), str):
             return f"{key}: {default(key)}"
+    if "reward" in params:  # a reward built on another one (rank)
+        return "what its reward loads"
     if cls.__module__.startswith(f"{__package__}.toy"):
         return "the shipped toy weights" if "path" in params or "member" in params else "nothing (the media)"
     return "a checkpoint (path)" if "path" in params else "nothing"

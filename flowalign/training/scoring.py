@@ -2,8 +2,8 @@
 
 ``guarded_scores``: any exception from a reward, a wrong number of scores, a non-finite score or a call longer
 than ``reward.timeout_s`` follows ``reward.on_error``: ``stop`` (one line), or ``skip``, where the samples are
-scored again one at a time and only those that still fail are NaN (a pairwise judge compares whole groups, so its
-whole call is).
+scored again one at a time and only those that still fail are NaN (a pairwise or groupwise judge compares whole
+groups, so its whole call is).
 
 ``OverlappedScoring`` (``reward.overlap_prompts``): each finished part of an iteration's samples is decoded on the
 calling thread and scored on a worker thread, at most ``reward.concurrency`` parts at once, so a slow or remote
@@ -66,9 +66,9 @@ def guarded_scores(trainer, media: torch.Tensor, prompts: list[str], metadata: l
                                  "reward.on_error=skip to skip such samples)") from None
         failure = err
     nan = lambda n: {name: torch.full((n,), float("nan"), device=media.device) for name in reward.parts}  # noqa: E731
-    pairwise = any(isinstance(part, reward_lib.PairwiseReward) for part in reward.parts.values())
+    whole_groups = any(part.whole_groups for part in reward.parts.values())
     rows = []
-    for i in range(len(media) if not pairwise and len(media) > 1 else 0):
+    for i in range(len(media) if not whole_groups and len(media) > 1 else 0):
         try:
             rows.append(call_with_timeout(reward.score_all, options.timeout_s, media[i:i + 1], prompts[i:i + 1],
                                           metadata[i:i + 1]))
