@@ -153,6 +153,21 @@ def check_engine(engine: str, t) -> None:
                           "weights; use DDP, or set train.ema_decay=0")
 
 
+def check_sources(model: str, local_files_only: bool, prompt_sets: Mapping) -> None:
+    """An image-editing model needs a source image on every prompt row (``field -> PromptSet``); read from the
+    model's ``model_index.json`` only, before any weights load."""
+    from .generators import edits_images
+
+    prompt_sets = {field: rows for field, rows in prompt_sets.items() if rows is not None}
+    if not prompt_sets or not edits_images(model, local_files_only):
+        return
+    for field, rows in prompt_sets.items():
+        missing = next((i for i, meta in enumerate(rows.metadata) if not meta.get("image")), None)
+        if missing is not None:
+            raise ConfigError(f"{field}: prompt {missing + 1} ({rows.prompts[missing][:60]!r}) has no \"image\": "
+                              f"'{model}' edits images, so each .jsonl line needs a source image")
+
+
 def check_output_dir(path: str | Path, field: str = "output_dir") -> None:
     """The folder exists or can be made, and a file can be written in it; one line otherwise (before anything
     loads, so a run never trains only to fail at its first checkpoint)."""

@@ -35,9 +35,9 @@ def _cli_prompts(args: argparse.Namespace, command: str) -> list[str]:
 
     prompts = list(args.prompt or [])
     if args.prompt_file:
-        from .files import read_prompt_lines
+        from .prompt_sets import read_prompt_set
 
-        prompts += read_prompt_lines(args.prompt_file, "--prompt-file")
+        prompts += read_prompt_set(args.prompt_file, "--prompt-file").prompts
     if not prompts:
         raise ConfigError(f"{command}: give at least one --prompt or a --prompt-file")
     return prompts
@@ -133,16 +133,16 @@ def _cmd_embed_prompts(args: argparse.Namespace) -> None:
     """Encode a run's prompts (its prompt file and negative prompt) once and save them for train.prompt_embeds."""
     from .checks import check_output_dir
     from .config import ConfigError, load_config
-    from .files import read_prompt_lines
     from .generators import PromptCache, load_generator
+    from .prompt_sets import read_prompt_set
 
     cfg = load_config(*_config_and_overrides(args))
     source = args.prompt_file or cfg.train.prompt_file
     if not source:
         raise ConfigError("embed-prompts: give --prompt-file or set train.prompt_file (the toy prompt generator's "
                           "prompts are encoded on the fly: use train.cache_prompts)")
-    prompts = list(dict.fromkeys(read_prompt_lines(source, "--prompt-file" if args.prompt_file else
-                                                   "train.prompt_file")))
+    prompts = list(dict.fromkeys(read_prompt_set(source, "--prompt-file" if args.prompt_file else
+                                                 "train.prompt_file").prompts))
     if not prompts:
         raise ConfigError(f"embed-prompts: '{source}' holds no prompts")
     _in_range("--batch-size", args.batch_size, 1, 65536)
@@ -262,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="sample images from a model (ODE, CFG) into a PNG grid")
     gen.add_argument("--model", default="toy/digits", help="toy/digits, a hub id or a local diffusers folder")
     gen.add_argument("--prompt", action="append", help="a prompt (repeatable)")
-    gen.add_argument("--prompt-file", help="a text file, one prompt per line")
+    gen.add_argument("--prompt-file", help="one prompt per line (.txt), or .jsonl objects with a \"prompt\"")
     gen.add_argument("--num", type=int, default=8, help="samples per prompt")
     gen.add_argument("--steps", type=int, default=None, help="sampling steps (model default if unset)")
     gen.add_argument("--guidance", type=float, default=None, help="CFG scale (model default if unset)")
@@ -295,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     emb = sub.add_parser("embed-prompts", help="precompute a run's prompt embeddings (train.prompt_embeds)")
     emb.add_argument("config", nargs="?", default=None, help="a YAML config (its model, prompt file, negative prompt)")
     emb.add_argument("overrides", nargs="*", help="key=value overrides")
-    emb.add_argument("--prompt-file", default=None, help="one prompt per line (default: train.prompt_file)")
+    emb.add_argument("--prompt-file", default=None, help=".txt or .jsonl prompts (default: train.prompt_file)")
     emb.add_argument("--out", default=None, help="default: OUTPUT_DIR/prompt_embeds.safetensors")
     emb.add_argument("--batch-size", type=int, default=32)
     emb.set_defaults(func=_cmd_embed_prompts)
@@ -311,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("config", nargs="?", default=None, help="a YAML config (see configs/reno/)")
     opt.add_argument("overrides", nargs="*", help="key=value overrides, e.g. method=carinox reno.iterations=20")
     opt.add_argument("--prompt", action="append", help="a prompt (repeatable; replaces the config's prompts)")
-    opt.add_argument("--prompt-file", help="a text file, one prompt per line")
+    opt.add_argument("--prompt-file", help="one prompt per line (.txt), or .jsonl objects with a \"prompt\"")
     opt.add_argument("--out", default=None, help="output folder (default: the config's out)")
     opt.set_defaults(func=_cmd_optimize)
 

@@ -48,7 +48,8 @@ class SampleConfig:
 @dataclass
 class EvalConfig:
     prompts: list[str] = bounded([], doc="explicit prompts")
-    prompt_file: str | None = bounded(None, must_exist=True, doc="a text file, one prompt per line")
+    prompt_file: str | None = bounded(None, must_exist=True, doc="one prompt per line, or .jsonl with metadata for "
+                                      "the rewards")
     toy_prompts: int = bounded(0, min=0, max=100_000, doc="N toy digit prompts, digits balanced, templates seeded")
     samples_per_prompt: int = bounded(1, min=1, max=10_000, doc="seeds per prompt")
     rewards: list[str] = bounded(["toy/digit_match", "toy/classifier"], doc="the rewards flowalign evaluate reports")
@@ -96,7 +97,10 @@ class TrainConfig:
     iterations: int = bounded(40, min=1, doc="sample-score-update rounds")
     prompts_per_iteration: int = bounded(8, min=1, max=100_000, doc="prompts (groups) per iteration, all processes "
                                                                   "together")
-    prompt_file: str | None = bounded(None, must_exist=True, doc="one prompt per line (required for real models)")
+    prompt_file: str | None = bounded(None, must_exist=True, doc="one prompt per line, or .jsonl: one JSON object per "
+                                      "line with \"prompt\" and metadata for the rewards (required for real models)")
+    eval_prompt_file: str | None = bounded(None, must_exist=True, doc="the held-out prompts of the report and the "
+                                           "monitor, .txt or .jsonl (default: the first of train.prompt_file)")
     steps: int = bounded(10, min=2, max=1000, doc="sampling steps of the rollouts")
     guidance: float = bounded(3.0, min=0.0, max=100.0, doc="CFG scale while sampling")
     cfg: bool = bounded(True, doc="train the guided velocity (false: the conditional one; needs guidance 1)")

@@ -6,9 +6,9 @@ from pathlib import Path
 
 from . import rewards as reward_lib
 from .config import ConfigError, RunConfig
-from .files import read_prompt_lines
 from .generators import load_generator
 from .inference import generate, save_grid
+from .prompt_sets import read_prompt_set
 
 #: Samples one evaluation generates at most (they are all held in memory to be scored).
 MAX_EVAL_SAMPLES = 100_000
@@ -20,9 +20,9 @@ def eval_prompts(cfg: RunConfig) -> tuple[list[str], list[dict]]:
 
     prompts, meta = list(cfg.eval.prompts), [{} for _ in cfg.eval.prompts]
     if cfg.eval.prompt_file:
-        lines = read_prompt_lines(cfg.eval.prompt_file, "eval.prompt_file")
-        prompts += lines
-        meta += [{} for _ in lines]
+        rows = read_prompt_set(cfg.eval.prompt_file, "eval.prompt_file")
+        prompts += rows.prompts
+        meta += rows.metadata
     if cfg.eval.toy_prompts:
         toy, digits = sample_prompts(cfg.eval.toy_prompts, seed=cfg.sample.seed)
         prompts += toy
@@ -45,7 +45,7 @@ def evaluate(cfg: RunConfig, print_fn=print) -> dict:
     generator = load_generator(cfg.model.name, cfg.model.dtype, local_files_only=cfg.model.local_files_only,
                                **cfg.model.options)
     media = generate(generator, prompts, steps=cfg.sample.steps, guidance=cfg.sample.guidance, seed=cfg.sample.seed,
-                     negative_prompt=cfg.sample.negative_prompt, batch_size=cfg.sample.batch_size)
+                     negative_prompt=cfg.sample.negative_prompt, batch_size=cfg.sample.batch_size, metadata=meta)
     results = {}
     for name, scorer in scorers.items():
         scorer.to(generator.device)

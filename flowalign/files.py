@@ -38,11 +38,6 @@ def read_text(path: str | Path, what: str, max_bytes: int) -> str:
         raise FlowalignError(f"{what}: '{path}' is not UTF-8 text (byte {err.start})") from None
 
 
-def read_prompt_lines(path: str | Path, what: str) -> list[str]:
-    """A prompt file's non-empty lines, stripped (at most 16 MiB of UTF-8 text)."""
-    return [line.strip() for line in read_text(path, what, MAX_PROMPT_FILE_BYTES).splitlines() if line.strip()]
-
-
 def read_json(path: str | Path, what: str) -> dict:
     """A JSON object from a file (capped, UTF-8); one line if it is not one."""
     try:

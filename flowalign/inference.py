@@ -12,9 +12,10 @@ from .samplers import euler_ode
 @torch.no_grad()
 def generate(generator: Generator, prompts: list[str] | str, *, steps: int | None = None,
              guidance: float | None = None, seed: int = 0, negative_prompt: str = "",
-             batch_size: int = 250) -> torch.Tensor:
-    """Decoded media for ``prompts`` (one sample each). Sample i's noise depends only on ``seed`` and i,
-    so the same seed gives the same media whatever the batch size."""
+             batch_size: int = 250, metadata: list[dict] | None = None) -> torch.Tensor:
+    """Decoded media for ``prompts`` (one sample each; ``metadata`` row for row, e.g. an editing model's source
+    image). Sample i's noise depends only on ``seed`` and i, so the same seed gives the same media whatever the
+    batch size."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     steps = steps or generator.default_steps
     guidance = generator.default_guidance if guidance is None else guidance
@@ -24,7 +25,8 @@ def generate(generator: Generator, prompts: list[str] | str, *, steps: int | Non
     out = []
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start:start + batch_size]
-        cond = generator.encode(batch, negative_prompt if guidance != 1.0 else None)
+        cond = generator.with_sources(generator.encode(batch, negative_prompt if guidance != 1.0 else None),
+                                      None if metadata is None else metadata[start:start + batch_size])
         x = euler_ode(lambda x, s: generator.velocity(x, s, cond, guidance), noise[start:start + len(batch)], sigmas)
         out.append(generator.decode(x))
     return torch.cat(out)

@@ -78,9 +78,9 @@ class OptimizeConfig:
     def all_prompts(self) -> list[str]:
         prompts = list(self.prompts)
         if self.prompt_file:
-            from .files import read_prompt_lines
+            from .prompt_sets import read_prompt_set
 
-            prompts += read_prompt_lines(self.prompt_file, "prompt_file")
+            prompts += read_prompt_set(self.prompt_file, "prompt_file").prompts
         return prompts
 
 

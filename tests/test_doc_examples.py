@@ -163,6 +163,12 @@ def test_data_examples_parse(lang):
         (json.loads if lang == "json" else tomllib.loads)(code.replace('"..."', '"x"'))
 
 
+def test_jsonl_examples_are_prompt_rows():
+    """Each line of a JSON Lines block is what a .jsonl prompt file holds: an object with a "prompt" string."""
+    rows = [json.loads(line) for _, code, _ in blocks("jsonl") for line in code.splitlines() if line.strip()]
+    assert rows and all(isinstance(row, dict) and isinstance(row.get("prompt"), str) for row in rows)
+
+
 PYTHON = blocks("python")
 
 

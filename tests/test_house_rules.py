@@ -18,7 +18,7 @@ PUBLIC = ("flowalign", "flowalign.config", "flowalign.errors", "flowalign.genera
           "flowalign.inference", "flowalign.optimize", "flowalign.optimize_config", "flowalign.evaluate",
           "flowalign.rewards", "flowalign.methods", "flowalign.training", "flowalign.training.run",
           "flowalign.toy.build", "flowalign.app", "flowalign.checks", "flowalign.files", "flowalign.config_keys",
-          "flowalign.sharing")
+          "flowalign.sharing", "flowalign.prompt_sets")
 
 
 def sources() -> dict[str, Path]:

@@ -21,6 +21,7 @@ ADAPTERS: dict[str, str] = {
     "StableDiffusionPipeline": "sd:StableDiffusionGenerator",  # SD 1.x and 2.x
     "StableDiffusionXLPipeline": "sdxl:StableDiffusionXLGenerator",
     "FluxPipeline": "flux:FluxGenerator",
+    "FluxKontextPipeline": "flux_kontext:FluxKontextGenerator",  # image editing: a source image per prompt
     "WanPipeline": "wan:WanGenerator",  # Wan 2.1 and 2.2 A14B (two experts)
     "StableAudioPipeline": "stable_audio:StableAudioGenerator",
 }
@@ -88,6 +89,21 @@ def _load(name_or_path: str, dtype: torch.dtype, device: str | None, local_files
     _check_options(adapter, options, name_or_path)
     return adapter.from_pretrained(name_or_path, dtype=dtype, device=device, local_files_only=local_files_only,
                                    **options)
+
+
+#: Pipelines that edit a source image: every prompt needs ``metadata["image"]``.
+EDITING = {"FluxKontextPipeline"}
+
+
+def edits_images(name_or_path: str, local_files_only: bool = False) -> bool:
+    """Whether a model edits source images (reads only its ``model_index.json``; False for toys and unreadable
+    names, whose errors come when they load)."""
+    if toy_world(name_or_path) is not None or name_or_path.startswith("toy/"):
+        return False
+    try:
+        return _pipeline_class(name_or_path, local_files_only) in EDITING
+    except FlowalignError:
+        return False
 
 
 def toy_world(name_or_path: str) -> str | None:

@@ -78,6 +78,11 @@ class Generator(ABC):
     def encode(self, prompts: list[str], negative_prompt: str | list[str] | None = "") -> Conditioning:
         """Encode prompts; ``negative_prompt=None`` skips the unconditional branch (no CFG)."""
 
+    def with_sources(self, cond: Conditioning, metadata: list[dict] | None) -> Conditioning:
+        """Add what each prompt's metadata conditions on beside its text (an editing model encodes the source image
+        ``metadata[i]["image"]`` here, batch-first in both branches); text-only models return ``cond`` as it is."""
+        return cond
+
     @abstractmethod
     def predict(self, x: torch.Tensor, sigma: torch.Tensor, embeds: dict[str, torch.Tensor]) -> torch.Tensor:
         """One model pass on a batch: the flow velocity for latents ``x`` at noise levels ``sigma`` ([B])."""

@@ -97,17 +97,23 @@ class FluxGenerator(PipelineGenerator):
         b, c, h, w = x.shape
         tokens = pipe._pack_latents(x.to(dtype), b, c, h, w)
         img_ids = pipe._prepare_latent_image_ids(b, h // 2, w // 2, x.device, dtype)
-        txt_ids = torch.zeros(embeds["prompt_embeds"].shape[1], 3, device=x.device, dtype=dtype)
+        out = self._transformer_pass(tokens, img_ids, sigma, embeds)
+        return pipe._unpack_latents(out, self.height, self.width, pipe.vae_scale_factor).float()
+
+    def _transformer_pass(self, tokens: torch.Tensor, img_ids: torch.Tensor, sigma: torch.Tensor,
+                          embeds: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One transformer call on packed image tokens (and their position ids) with the prompt's embeddings."""
+        dtype, b = self.pipe.transformer.dtype, tokens.shape[0]
+        txt_ids = torch.zeros(embeds["prompt_embeds"].shape[1], 3, device=tokens.device, dtype=dtype)
         guidance = None
-        if pipe.transformer.config.guidance_embeds:
-            guidance = torch.full((b,), self.embedded_guidance, device=x.device, dtype=torch.float32)
+        if self.pipe.transformer.config.guidance_embeds:
+            guidance = torch.full((b,), self.embedded_guidance, device=tokens.device, dtype=torch.float32)
         if self.time_grid == "fastvideo":  # FastVideo passes the timestep truncated to 1/1000
             sigma = torch.floor(sigma.float() * 1000) / 1000
-        out = self.forward_module(hidden_states=tokens, timestep=sigma.to(dtype), guidance=guidance,
-                                  pooled_projections=embeds["pooled"].to(dtype),
-                                  encoder_hidden_states=embeds["prompt_embeds"].to(dtype), txt_ids=txt_ids,
-                                  img_ids=img_ids, return_dict=False)[0]
-        return pipe._unpack_latents(out, self.height, self.width, pipe.vae_scale_factor).float()
+        return self.forward_module(hidden_states=tokens, timestep=sigma.to(dtype), guidance=guidance,
+                                   pooled_projections=embeds["pooled"].to(dtype),
+                                   encoder_hidden_states=embeds["prompt_embeds"].to(dtype), txt_ids=txt_ids,
+                                   img_ids=img_ids, return_dict=False)[0]
 
     def sigmas(self, num_steps: int) -> torch.Tensor:
         """The pipeline's grid: ``linspace(1, 1/N, N)`` shifted (dynamically by the image token count), then 0;

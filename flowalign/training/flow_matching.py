@@ -23,7 +23,7 @@ class FlowMatchingTrainer(Trainer):
         ``reward.overlap_prompts`` each part of the prompts is scored while the next one samples."""
         t, gen = self.t, self.gen
         prompts, meta = self.prompts(iteration)
-        cond = self.encode(prompts)
+        cond = self.encode(prompts, meta)
         group = self.method.samples_per_prompt
         select = torch.tensor(self.local_samples(group))
         sigmas = gen.sigmas(t.steps)

@@ -24,7 +24,7 @@ class HackingMonitor:
 
     def __init__(self, trainer):
         self.trainer, self.cfg = trainer, trainer.cfg.monitor
-        prompts, meta = heldout_prompts(self.cfg.prompts, trainer.file_prompts, trainer.world)
+        prompts, meta = heldout_prompts(self.cfg.prompts, trainer.heldout_file, trainer.world)
         k = self.cfg.samples_per_prompt
         self.prompts = [p for p in prompts for _ in range(k)]
         self.meta = [m for m in meta for _ in range(k)]
@@ -91,7 +91,7 @@ class HackingMonitor:
     def _sample(self) -> torch.Tensor:
         t = self.trainer.t
         return generate(self.trainer.gen, self.prompts, steps=t.eval_steps, guidance=t.guidance, seed=MONITOR_SEED,
-                        batch_size=t.rollout_batch)
+                        batch_size=t.rollout_batch, metadata=self.meta)
 
 
 def _mean(scores: torch.Tensor) -> float:

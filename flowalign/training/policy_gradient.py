@@ -41,7 +41,7 @@ class PolicyGradientTrainer(Trainer):
         ``reward.overlap_prompts`` the share is sampled a few prompts at a time, each part decoded and sent to the
         reward while the next one samples (the batch comes back scored)."""
         prompts, meta = self.prompts(iteration)
-        cond = self.encode(prompts)
+        cond = self.encode(prompts, meta)
         sigmas = self.gen.sigmas(self.t.steps)
 
         def velocity(x, sigma, rows):

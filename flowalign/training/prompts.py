@@ -11,17 +11,30 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from ..config import TrainConfig
+from ..config import RunConfig, TrainConfig
 from ..errors import FlowalignError
+from ..prompt_sets import PromptSet, read_prompt_set
 
 
-def read_prompt_file(path: str | Path) -> list[str]:
-    from ..files import read_prompt_lines
+def read_prompt_file(path: str | Path, what: str = "train.prompt_file") -> PromptSet:
+    """A training or held-out prompt file (``.txt``, or ``.jsonl`` with metadata); one line if it holds none."""
+    prompts = read_prompt_set(path, what)
+    if not prompts.prompts:
+        raise FlowalignError(f"{what}: '{path}' holds no prompts")
+    return prompts
 
-    lines = read_prompt_lines(path, "train.prompt_file")
-    if not lines:
-        raise FlowalignError(f"train.prompt_file: '{path}' holds no prompts")
-    return lines
+
+def run_prompt_files(cfg: RunConfig) -> tuple[PromptSet | None, PromptSet | None]:
+    """A run's training prompts and held-out prompts (``train.eval_prompt_file``, else the training file), read and
+    checked (an editing model needs a source image on every row) before anything loads; None for the toy's."""
+    from ..checks import check_sources
+
+    t = cfg.train
+    train = read_prompt_file(t.prompt_file) if t.prompt_file else None
+    held_out = read_prompt_file(t.eval_prompt_file, "train.eval_prompt_file") if t.eval_prompt_file else train
+    check_sources(cfg.model.name, cfg.model.local_files_only,
+                  {"train.prompt_file": train, "train.eval_prompt_file": held_out})
+    return train, held_out
 
 
 #: Toy world (a generator's ``toy_world``) -> its prompt module: ``sample_prompts``, ``TEMPLATES``,
@@ -43,15 +56,14 @@ def toy_prompts(world: str, n: int, seed: int, held_out: bool = False) -> tuple[
     return prompts, [m if isinstance(m, dict) else {"digit": m} if isinstance(m, int) else {} for m in meta]
 
 
-def iteration_prompts(cfg: TrainConfig, iteration: int, file_prompts: list[str] | None = None,
+def iteration_prompts(cfg: TrainConfig, iteration: int, file_prompts: PromptSet | None = None,
                       world: str = "digits") -> tuple[list[str], list[dict]]:
-    """The iteration's ``prompts_per_iteration`` prompts (and metadata), identical on every process; without a
-    prompt file, the toy ``world``'s training phrasings."""
+    """The iteration's ``prompts_per_iteration`` prompts (and metadata), drawn with replacement, identical on every
+    process; without a prompt file, the toy ``world``'s training phrasings."""
     seed = cfg.seed * 1_000_003 + iteration
     if file_prompts is not None:
-        rng = random.Random(seed)
-        return [rng.choice(file_prompts) for _ in range(cfg.prompts_per_iteration)], \
-            [{} for _ in range(cfg.prompts_per_iteration)]
+        rng, rows = random.Random(seed), range(len(file_prompts))
+        return file_prompts.rows([rng.choice(rows) for _ in range(cfg.prompts_per_iteration)])
     return toy_prompts(world, cfg.prompts_per_iteration, seed)
 
 

@@ -7,14 +7,16 @@ from pathlib import Path
 import torch
 
 from ..inference import generate, save_grid
+from ..prompt_sets import PromptSet
 
 EVAL_SEED = 10_007  # never a training seed: training draws from (seed, iteration)
 
 
-def heldout_prompts(n: int, file_prompts: list[str] | None, world: str = "digits") -> tuple[list[str], list[dict]]:
-    """Held-out prompts of the toy ``world`` (phrasings never used in training), or the first n of the prompt file."""
+def heldout_prompts(n: int, file_prompts: PromptSet | None, world: str = "digits") -> tuple[list[str], list[dict]]:
+    """The first n prompts of a prompt set (``train.eval_prompt_file``, the anchors' test split, or else the
+    training file), or held-out prompts of the toy ``world`` (phrasings never used in training)."""
     if file_prompts is not None:
-        return file_prompts[:n], [{} for _ in file_prompts[:n]]
+        return file_prompts.rows(list(range(min(n, len(file_prompts)))))
     from .prompts import toy_prompts
 
     return toy_prompts(world, n, EVAL_SEED, held_out=True)
@@ -23,7 +25,7 @@ def heldout_prompts(n: int, file_prompts: list[str] | None, world: str = "digits
 @torch.no_grad()
 def evaluate_policy(gen, reward, prompts, meta, steps: int, guidance: float) -> tuple[torch.Tensor, torch.Tensor]:
     """ODE samples on fixed seeds and their rewards (the policy as users will sample it)."""
-    media = generate(gen, prompts, steps=steps, guidance=guidance, seed=EVAL_SEED)
+    media = generate(gen, prompts, steps=steps, guidance=guidance, seed=EVAL_SEED, metadata=meta)
     return media, reward.score(media, prompts, meta)
 
 

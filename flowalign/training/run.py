@@ -35,7 +35,7 @@ def _train_and_report(trainer, cfg: RunConfig, resume: str | None, progress: boo
     """Evaluate before, train, save the final weights, evaluate after, write the report (and send its figures to
     the trackers)."""
     t = trainer.t
-    prompts, meta = heldout_prompts(t.eval_prompts, trainer.file_prompts, trainer.world)
+    prompts, meta = heldout_prompts(t.eval_prompts, trainer.heldout_file, trainer.world)
     evaluation = lambda label: evaluate_policy(trainer.gen, GuardedEvaluation(trainer, label), prompts, meta,  # noqa: E731
                                                t.eval_steps, t.guidance)
     before = evaluation("the evaluation before training") if prompts else None

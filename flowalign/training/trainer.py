@@ -29,7 +29,7 @@ from .interrupts import stop_at_boundaries
 from .lora import add_lora, load_trainable_state, save_lora_diffusers, trainable_shapes, trainable_state
 from .marble import GradientBalance
 from .monitor import HackingMonitor
-from .prompts import iteration_prompts, local_samples, read_prompt_file
+from .prompts import iteration_prompts, local_samples, run_prompt_files
 from .scoring import OverlappedScoring, guarded_scores
 from .state import full_optimizer_state, load_full_optimizer_state
 from .trackers import check_trackers, hyperparameters, init_kwargs, log_image, tracker_names
@@ -57,7 +57,8 @@ class Trainer:
         check_output_dir(cfg.output_dir)
         self.method = methods.build(cfg.method, cfg.options, t, cfg.modifiers)
         self.modifiers = list(self.method.modifiers.values())
-        self.file_prompts = read_prompt_file(t.prompt_file) if t.prompt_file else None
+        # the training prompts and the report's and monitor's (the held-out file, else the training file; None: toy)
+        self.file_prompts, self.heldout_file = run_prompt_files(cfg)
         self.world = toy_world(cfg.model.name) or "digits"
         self.whole_prompts = bool(whole_prompt_reasons(cfg))  # a prompt's samples run on one process
         self.gen = load_generator(cfg.model.name, cfg.model.dtype, device=str(self.acc.device),
@@ -121,9 +122,9 @@ class Trainer:
             derive_seed(self.t.seed, iteration, 19, k))) for k in keys])
         return self.gen.initial_state(noise, sigma)
 
-    def encode(self, prompts: list[str]):
+    def encode(self, prompts: list[str], metadata: list[dict]):
         negative = self.cfg.sample.negative_prompt if self.t.guidance != 1.0 else None
-        return self.gen.encode(prompts, negative_prompt=negative)
+        return self.gen.with_sources(self.gen.encode(prompts, negative_prompt=negative), metadata)
 
     def decode_leaves(self, leaves: torch.Tensor) -> torch.Tensor:
         """Final latents as media (images, clips, audio), ``rollout_batch`` at a time."""
