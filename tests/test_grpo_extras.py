@@ -286,3 +286,15 @@ def test_mix_grpo_balance_rerange_alternates_signs_and_drops_zeros():
     plain = MixGRPO(MixGRPOOptions(), load_config("configs/toy/digits_mix_grpo.yaml").train)
     assert torch.equal(plain.update_order(torch.arange(6), adv, torch.Generator()), torch.arange(6))
     assert method.reorders and not plain.reorders
+
+
+def test_the_fast_window_can_start_above_step_zero():
+    """Flow-Factory draws its one SDE step from {1, 2, 3}: window_low 1, size 1, high 4 gives exactly those."""
+    from flowalign.modifiers.fast import Fast, FastOptions
+
+    fast = Fast(FastOptions(window_size=1, window_high=4, window_low=1), method=None)
+    assert {tuple(fast.window(10, seed=0).steps(i, 10)) for i in range(200)} == {(1,), (2,), (3,)}
+    assert {fast.window(10, seed=0).steps(i, 10)[0] for i in range(200)} == {1, 2, 3}
+    with pytest.raises(ConfigError, match=r"modifiers.fast: window_low 4 \+ window_size 2 does not fit below step 4"):
+        load_config("configs/toy/digits_flow_grpo_fast.yaml", ["modifiers.fast.window_low=4",
+                                                               "modifiers.fast.window_high=4"])

@@ -24,6 +24,10 @@ ADAPTERS: dict[str, str] = {
     "FluxKontextPipeline": "flux_kontext:FluxKontextGenerator",  # image editing: a source image per prompt
     "WanPipeline": "wan:WanGenerator",  # Wan 2.1 and 2.2 A14B (two experts)
     "StableAudioPipeline": "stable_audio:StableAudioGenerator",
+    "QwenImagePipeline": "qwen_image:QwenImageGenerator",
+    "Flux2KleinPipeline": "flux2:Flux2KleinGenerator",
+    "Flux2Pipeline": "flux2:Flux2Generator",  # FLUX.2 [dev]
+    "ZImagePipeline": "z_image:ZImageGenerator",
 }
 
 
