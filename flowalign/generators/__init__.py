@@ -28,6 +28,7 @@ ADAPTERS: dict[str, str] = {
     "Flux2KleinPipeline": "flux2:Flux2KleinGenerator",
     "Flux2Pipeline": "flux2:Flux2Generator",  # FLUX.2 [dev]
     "ZImagePipeline": "z_image:ZImageGenerator",
+    "HunyuanVideo15Pipeline": "hunyuan_video15:HunyuanVideo15Generator",
 }
 
 
