@@ -103,7 +103,8 @@ def run(name: str, model: Path, prompts: Path, args, out: Path) -> dict:
     config, extra = METHODS[name]
     cuda = torch.cuda.is_available()
     bf16 = cuda or args.bf16
-    size = [] if args.tiny else [f"model.options={{height: {args.resolution}, width: {args.resolution}}}"]
+    side = args.resolution
+    size = ["model.options={}"] if args.tiny else [f"model.options={{height: {side}, width: {side}}}"]
     cfg = load_config(ROOT / config, [
         f"model.name={model}", f"model.dtype={'bfloat16' if bf16 else 'float32'}", *size,
         "reward.weights={toy/symmetry: 1.0}", "reward.aggregate=reward", f"train.prompt_file={prompts}",

@@ -139,7 +139,8 @@ def test_forward_process_methods_train_sd3(tiny_dir, method, tmp_path):
     prompt_file = tmp_path / "prompts.txt"
     prompt_file.write_text("\n".join(PROMPTS) + "\n")
     cfg = load_config(f"configs/sd35/{method}_pickscore.yaml", [
-        f"model.name={tiny_dir}", "model.local_files_only=true", "model.dtype=float32", "reward.weights={toy/ink: 1.0}",
+        f"model.name={tiny_dir}", "model.local_files_only=true", "model.dtype=float32", "model.options={}",
+        "reward.weights={toy/ink: 1.0}",
         f"train.prompt_file={prompt_file}", "train.iterations=1", "train.prompts_per_iteration=2",
         f"{method}.group_size=2", "train.steps=4", f"{method}.fm_draws=2", "train.eval_prompts=0",
         "train.rollout_batch=4", "train.train_batch=8", "train.mixed_precision=no",
