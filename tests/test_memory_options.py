@@ -116,6 +116,8 @@ def test_offloaded_encoders_sit_on_the_cpu_between_encodes(sd3_dir):
         hook.offload = lambda original=original, hook=hook: (offloaded.append(hook), original())[1]
     _same(gen.encode(PROMPTS, negative_prompt=""), direct)
     assert len(offloaded) == 3
+    gen.with_sources(direct, [{} for _ in PROMPTS])  # an editing model's encoders run here too: offloaded after
+    assert len(offloaded) == 6
     assert all(p.device.type == "cpu" for m in text_encoders(gen).values() for p in m.parameters())
 
 

@@ -25,6 +25,7 @@ ADAPTERS: dict[str, str] = {
     "WanPipeline": "wan:WanGenerator",  # Wan 2.1 and 2.2 A14B (two experts)
     "StableAudioPipeline": "stable_audio:StableAudioGenerator",
     "QwenImagePipeline": "qwen_image:QwenImageGenerator",
+    "QwenImageEditPipeline": "qwen_image_edit:QwenImageEditGenerator",  # image editing
     "Flux2KleinPipeline": "flux2:Flux2KleinGenerator",
     "Flux2Pipeline": "flux2:Flux2Generator",  # FLUX.2 [dev]
     "ZImagePipeline": "z_image:ZImageGenerator",
@@ -97,7 +98,7 @@ def _load(name_or_path: str, dtype: torch.dtype, device: str | None, local_files
 
 
 #: Pipelines that edit a source image: every prompt needs ``metadata["image"]``.
-EDITING = {"FluxKontextPipeline"}
+EDITING = {"FluxKontextPipeline", "QwenImageEditPipeline"}
 
 
 def edits_images(name_or_path: str, local_files_only: bool = False) -> bool:

@@ -33,25 +33,30 @@ def text_encoders(gen: Generator) -> dict[str, nn.Module]:
 
 def offload_text_encoders(gen: Generator) -> list:
     """Keep the text encoders on the CPU; each forward moves one to ``gen.device`` (offloading the previous
-    one), and every ``encode`` ends with all of them back on the CPU. Returns accelerate's hooks."""
+    one), and every ``encode`` and ``with_sources`` ends with all of them back on the CPU. Returns accelerate's
+    hooks."""
     from accelerate import cpu_offload_with_hook
 
     hooks, previous = [], None
     for module in text_encoders(gen).values():
         _, previous = cpu_offload_with_hook(module, execution_device=gen.device, prev_module_hook=previous)
         hooks.append(previous)
-    encode = gen.encode
+    # encode and with_sources (an editing model's encoder sees the source image) each end with the encoders offloaded
+    gen.encode = _then_offload(gen.encode, hooks)
+    gen.with_sources = _then_offload(gen.with_sources, hooks)
+    return hooks
 
-    @functools.wraps(encode)
-    def encode_then_offload(*args, **kwargs):
+
+def _then_offload(call, hooks: list):
+    @functools.wraps(call)
+    def call_then_offload(*args, **kwargs):
         try:
-            return encode(*args, **kwargs)
+            return call(*args, **kwargs)
         finally:
             for hook in hooks:
                 hook.offload()
 
-    gen.encode = encode_then_offload
-    return hooks
+    return call_then_offload
 
 
 def drop_text_encoders(gen: Generator) -> list[str]:

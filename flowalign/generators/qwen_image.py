@@ -103,16 +103,22 @@ class QwenImageGenerator(PipelineGenerator):
     def predict(self, x: torch.Tensor, sigma: torch.Tensor, embeds: dict[str, torch.Tensor]) -> torch.Tensor:
         """Pack the latents, run the transformer at timestep ``(σ·1000)/1000`` on the batch's text (cut to its
         longest prompt), unpack: the velocity ``ε - x0`` on the latent grid."""
-        pipe, dtype = self.pipe, self.pipe.transformer.dtype
+        pipe = self.pipe
         b, c, h, w = x.shape
-        tokens = pipe._pack_latents(x.to(dtype), b, c, h, w)
-        text, mask = trim_text(embeds["prompt_embeds"], embeds["prompt_embeds_mask"])
-        timestep = (sigma.float() * 1000).to(dtype) / 1000  # the pipeline's t.to(latents.dtype) / 1000
-        out = self.forward_module(hidden_states=tokens, timestep=timestep, encoder_hidden_states=text.to(dtype),
-                                  encoder_hidden_states_mask=mask, img_shapes=[[(1, h // 2, w // 2)]] * b,
-                                  return_dict=False)[0]
+        tokens = pipe._pack_latents(x.to(pipe.transformer.dtype), b, c, h, w)
+        out = self._transformer_pass(tokens, [[(1, h // 2, w // 2)]] * b, sigma, embeds)
         scale = pipe.vae_scale_factor
         return pipe._unpack_latents(out, h * scale, w * scale, scale)[:, :, 0].float()
+
+    def _transformer_pass(self, tokens: torch.Tensor, img_shapes: list, sigma: torch.Tensor,
+                          embeds: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The transformer on packed image tokens at timestep ``(σ·1000)/1000``, with the batch's text cut to its
+        longest prompt: its output tokens (the image-editing adapter appends source tokens here)."""
+        dtype = self.pipe.transformer.dtype
+        text, mask = trim_text(embeds["prompt_embeds"], embeds["prompt_embeds_mask"])
+        timestep = (sigma.float() * 1000).to(dtype) / 1000  # the pipeline's t.to(latents.dtype) / 1000
+        return self.forward_module(hidden_states=tokens, timestep=timestep, encoder_hidden_states=text.to(dtype),
+                                   encoder_hidden_states_mask=mask, img_shapes=img_shapes, return_dict=False)[0]
 
     def velocity(self, x: torch.Tensor, sigma: torch.Tensor | float, cond: Conditioning,
                  guidance: float = 1.0) -> torch.Tensor:
