@@ -81,3 +81,29 @@ def test_guided_rollouts_with_an_unguided_loss_are_allowed_for_dgpo_only(tmp_pat
 
 def test_resume_is_bitwise_with_the_ema(tmp_path):
     assert_resume_is_bitwise(lambda folder, *o: small(folder, *o, "dgpo.switch_ema_ref=1"), tmp_path, "ema")
+
+
+def test_kl_cfg_makes_the_reference_the_base_with_cfg(tmp_path):
+    """Mode 2a: unguided rollouts, the LoRA-off base with CFG 4.5 as the reference. The prompts then carry a negative
+    branch, and v_ref equals v_u + 4.5·(v_c - v_u) of the base computed here directly; kl_cfg 1 leaves it unguided."""
+    from flowalign.training.lora import adapters_disabled
+
+    tr = small(tmp_path, "train.guidance=1.0", "dgpo.kl_cfg=4.5")
+    batch = tr.sample(0)
+    assert batch.cond.negative is not None
+    points = tr.method.group_points(tr, batch)
+    v_ref = tr.point_velocities(batch, points, reference=True, guidance=4.5)
+    cond = batch.cond.select(batch.leaf_row[points["owner"]])
+    with torch.no_grad(), adapters_disabled(tr.gen.trainable_module, True):
+        v_c = tr.gen.predict(points["x"], points["sigma"], cond.positive)
+        v_u = tr.gen.predict(points["x"], points["sigma"], cond.negative)
+    torch.testing.assert_close(v_ref, v_u + 4.5 * (v_c - v_u), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(v_ref, v_c, atol=1e-3)
+    seen, point_velocities = [], tr.point_velocities
+    tr.point_velocities = lambda *a, **k: (seen.append((k.get("reference"), k.get("guidance"))),
+                                           point_velocities(*a, **k))[1]
+    tr.score(batch)
+    batch.all_rewards, _ = tr.gathered(batch.rewards, batch)
+    tr.method.update(tr, batch)
+    assert (True, 4.5) in seen  # the update's reference is the guided base
+    assert small(tmp_path / "plain", "train.guidance=1.0").sample(0).cond.negative is None

@@ -29,6 +29,9 @@ class Method:
     #: whether it may train the conditional velocity (``train.cfg: false``) on samples drawn with CFG: true where
     #: the loss compares samples with each other rather than fitting them (DGPO)
     guided_rollouts: ClassVar[bool] = False
+    #: whether the prompts are encoded with the CFG negative branch even when sampling is unguided (an instance
+    #: attribute may depend on the options: DGPO's reference with CFG)
+    negative_branch: bool = False
     #: whether it trains around samples whose reward failed (``reward.on_error: skip``: NaN rewards weigh nothing)
     skips_failed_samples: ClassVar[bool] = False
     #: whether its loss is linear in each sample's advantage (or weight), so MARBLE can balance several rewards

@@ -12,8 +12,9 @@ shares the noise ε at each of ``fm_draws`` grid levels drawn (without replaceme
 ``exp(ℓ_old - ℓ_θ)`` to an EMA of the policy leaves ``[1 - c, 1 + c]`` in the advantage's direction, that point's
 ``ℓ_θ`` carries no gradient. The EMA (``d = min(0.001·steps, 0.3)``, after every optimizer step) also samples
 the rollouts after ``switch_ema_ref`` optimizer steps, and with ``use_ema_ref`` replaces the base as the DPO
-reference. ``v_ref`` is the LoRA-off base. Rollouts may use CFG (``train.guidance``) while training forwards
-do not (``train.cfg: false``), as the code: the loss compares samples within a group.
+reference. ``v_ref`` is the LoRA-off base (with CFG at ``kl_cfg`` > 1, the code's mode 2a). Rollouts may use
+CFG (``train.guidance``) while training forwards do not (``train.cfg: false``), as the code: the loss compares
+samples within a group.
 """
 from __future__ import annotations
 
@@ -46,6 +47,8 @@ class DGPOOptions(FlowMatchingOptions):
     clip_dsm: bool = bounded(True, doc="no gradient where the ratio to the EMA leaves 1 +- clip_range")
     clip_range: float = bounded(0.01, min=0.0, doc="the band around 1 of clip_dsm (its c)")
     use_ema_ref: bool = bounded(False, doc="the EMA instead of the base as the DPO reference")
+    kl_cfg: float = bounded(1.0, min=1.0, max=100.0, doc="CFG scale of the LoRA-off reference (> 1: the base with "
+                            "CFG, the code's CFG-free mode 2a with 4.5; 1: without)")
     switch_ema_ref: int = bounded(500, min=0, doc="optimizer steps after which the EMA samples the rollouts "
                                   "(OCR, PickScore: 200)")
     ema_decay_rate: float = bounded(0.001, min=0.0, doc="EMA decay d = min(rate * steps, max) per optimizer step")
@@ -73,6 +76,10 @@ class DGPO(FlowMatchingMethod):
                 f"need trunc_steps >= {options.fm_draws - 1} (it is {options.trunc_steps})")
         require(train.lora_rank > 0, "method dgpo compares with the LoRA-off base: it needs train.lora_rank > 0")
 
+    @property
+    def negative_branch(self) -> bool:
+        return self.options.kl_cfg > 1  # the reference's CFG needs the negative prompt even for unguided rollouts
+
     def setup(self, trainer) -> None:
         self.ema = ShadowWeights(trainer.params)
 
@@ -85,7 +92,7 @@ class DGPO(FlowMatchingMethod):
         adv, valid = group_scores(trainer, batch, o.group_size, o.std, o.std_eps)
         points = self.group_points(trainer, batch)
         adv_p = adv.clamp(-o.adv_clip, o.adv_clip)[points["owner"]]  # a skipped sample's advantage is 0
-        v_ref = trainer.point_velocities(batch, points, reference=True)
+        v_ref = trainer.point_velocities(batch, points, reference=True, guidance=o.kl_cfg if o.kl_cfg > 1 else None)
         v_old = trainer.point_velocities(batch, points, self.ema.swapped_in()) if o.clip_dsm or o.use_ema_ref \
             else None
         loss_now = fm_loss(trainer.point_velocities(batch, points), points["target"])

@@ -67,10 +67,13 @@ class FlowMatchingTrainer(Trainer):
         s = sigma.view(-1, *([1] * (x0.ndim - 1)))
         return {"x": (1 - s) * x0[owner] + s * eps, "sigma": sigma, "target": eps - x0[owner], "owner": owner}
 
-    def policy_velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond, reference: bool = False) -> torch.Tensor:
+    def policy_velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond, reference: bool = False,
+                        guidance: float | None = None) -> torch.Tensor:
         """The velocity the samples come from: CFG-guided when ``train.cfg`` (both branches carry the LoRA), so
-        fitting on-policy samples does not compound the guidance; ``reference``: LoRA off, no graph."""
-        guidance = self.t.guidance if self.t.cfg else 1.0
+        fitting on-policy samples does not compound the guidance; ``reference``: LoRA off, no graph; ``guidance``
+        overrides the CFG scale (DGPO's base with CFG as its reference)."""
+        if guidance is None:
+            guidance = self.t.guidance if self.t.cfg else 1.0
         if not reference:
             return self.gen.velocity(x, sigma, cond, guidance=guidance)
         with torch.no_grad(), adapters_disabled(self.gen.trainable_module, self.lora):
@@ -132,14 +135,16 @@ class FlowMatchingTrainer(Trainer):
 
     def point_velocities(self, batch: IterationBatch, points: dict[str, torch.Tensor],
                          weights: contextlib.AbstractContextManager | None = None,
-                         reference: bool = False) -> torch.Tensor:
+                         reference: bool = False, guidance: float | None = None) -> torch.Tensor:
         """Every point's velocity without a graph, ``train_batch`` at a time, under ``weights`` (a swapped-in
-        copy) or with the LoRA off (``reference``): the fixed targets of a forward-process loss."""
+        copy) or with the LoRA off (``reference``), at CFG scale ``guidance`` (None: the policy's): the fixed
+        targets of a forward-process loss."""
         out = []
         with torch.no_grad(), weights if weights is not None else contextlib.nullcontext():
             for idx in torch.arange(len(points["sigma"]), device=points["sigma"].device).split(self.t.train_batch):
                 cond = batch.cond.select(batch.leaf_row[points["owner"][idx]])
-                out.append(self.policy_velocity(points["x"][idx], points["sigma"][idx], cond, reference).float())
+                out.append(self.policy_velocity(points["x"][idx], points["sigma"][idx], cond, reference,
+                                                guidance).float())
         return torch.cat(out)
 
     def run_iteration(self, iteration: int) -> tuple[dict[str, float], IterationBatch]:

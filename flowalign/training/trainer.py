@@ -123,7 +123,7 @@ class Trainer:
         return self.gen.initial_state(noise, sigma)
 
     def encode(self, prompts: list[str], metadata: list[dict]):
-        negative = self.cfg.sample.negative_prompt if self.t.guidance != 1.0 else None
+        negative = self.cfg.sample.negative_prompt if self.t.guidance != 1.0 or self.method.negative_branch else None
         return self.gen.with_sources(self.gen.encode(prompts, negative_prompt=negative), metadata)
 
     def decode_leaves(self, leaves: torch.Tensor) -> torch.Tensor:
