@@ -12,8 +12,9 @@ the LoRA-off base; ``v_ema`` an EMA of the policy, ``θ_ema ← d·θ_ema + (1-d
 ``d = min(0.001·steps, 0.3)`` (the code's "KL-EMA"). With ``kl_form: elbo`` both distances are divided by
 ``2g²``, ``g = 0.7·sqrt(σ/(1 - min(σ, 0.99)))``.
 
-Paper-approximate / not built: the code samples with SA-Solver (stochastic between σ 0.3 and 0.9); here any ODE
-solver (``solver``); its strata are shared by a micro-batch, here drawn per sample.
+Rollouts: ``solver: sa_solver`` samples as the code (SA-Solver, predictor and corrector order 2, τ ``sa_tau`` for
+σ in [0.3, 0.9], on the code's grid); the default stays Euler. Paper-approximate: the code's strata are shared by
+a micro-batch, here drawn per sample.
 """
 from __future__ import annotations
 
@@ -49,6 +50,10 @@ class AWMOptions(FlowMatchingOptions):
     ema_decay_max: float = bounded(0.3, min=0.0, max=1.0, doc="the EMA reference's largest decay")
     std: Literal["global", "group"] = bounded("global", doc="advantage std over the whole batch or per group")
     std_eps: float = bounded(1e-4, min=0.0, doc="added to the advantage std")
+    solver: Literal["euler", "dpm_solver", "sa_solver"] = bounded(
+        "euler", doc="the rollout solver: euler, dpm_solver (DPM-Solver++ 2M) or sa_solver (the code's SA-Solver)")
+    sa_tau: float = bounded(0.4, min=0.0, doc="sa_solver's stochasticity tau for sigma in [0.3, 0.9] (0: an ODE "
+                            "solver; the code: 0.4 GenEval/OCR, 0 PickScore)")
 
 
 @register_method

@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 
 from ..samplers.ode import dpm_solver_pp, euler_ode
+from ..samplers.stochastic_adams import awm_grid, sa_solver
 from ..seeds import derive_seed
 from .batch import IterationBatch
 from .lora import adapters_disabled
@@ -28,15 +29,16 @@ class FlowMatchingTrainer(Trainer):
         select = torch.tensor(self.local_samples(group))
         sigmas = gen.sigmas(t.steps)
         scorer = self.overlapped_scoring(prompts, meta, iteration)
-        latents, solve = [], dpm_solver_pp if self.method.options.solver == "dpm_solver" else euler_ode
+        latents = []
         with torch.no_grad(), self.method.sampling_weights(self):
             for part in self.sampling_parts(sorted(set((select // group).tolist()))):
                 chosen = select[torch.isin(select // group, torch.tensor(part))]
                 done = len(latents)
                 for chunk in chosen.split(t.rollout_batch):
                     c = cond.select(chunk // group)
-                    latents.append(solve(lambda x, s: gen.velocity(x, s, c, t.guidance),
-                                         self.initial_states(iteration, chunk.tolist(), sigmas[0]), sigmas))
+                    latents.append(self.solve(lambda x, s: gen.velocity(x, s, c, t.guidance),
+                                              self.initial_states(iteration, chunk.tolist(), sigmas[0]), sigmas,
+                                              iteration, chunk.tolist()))
                 if scorer is not None:
                     rows = (chosen // group).to(gen.device)
                     scorer.submit(torch.cat(latents[done:]).float(), rows, rows)
@@ -46,6 +48,17 @@ class FlowMatchingTrainer(Trainer):
         if scorer is not None:
             scorer.finish(batch)
         return batch
+
+    def solve(self, velocity: Callable, x: torch.Tensor, sigmas: torch.Tensor, iteration: int,
+              keys: list[int]) -> torch.Tensor:
+        """The samples ``keys`` (global ids) from their start ``x`` with the method's ``solver``; SA-Solver runs on
+        AWM's code's grid, each sample's step noise from a generator seeded by (seed, iteration, its id), so it
+        does not depend on the batch or the process count."""
+        options = self.method.options
+        if options.solver == "sa_solver":
+            noise = [torch.Generator().manual_seed(derive_seed(self.t.seed, iteration, 23, k)) for k in keys]
+            return sa_solver(velocity, x, awm_grid(sigmas), noise, options.sa_tau)
+        return (dpm_solver_pp if options.solver == "dpm_solver" else euler_ode)(velocity, x, sigmas)
 
     def flow_points(self, batch: IterationBatch, draws: int, sample_index: torch.Tensor | None = None,
                     salt: int = 0) -> dict[str, torch.Tensor]:
