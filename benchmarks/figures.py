@@ -180,9 +180,27 @@ def hacking() -> str:
     return "\n".join(rows) + "\n\n" + note + " " + _source(data, "python -m benchmarks.hacking") + "\n"
 
 
+def efficiency() -> str:
+    data = _load("efficiency.json")
+    a, methods = data["args"], data["methods"]
+    rows = [f"| method | start | after {a['iterations']} iterations | NFE to reach {a['target']} | NFE to gain "
+            f"+{a['gain']} | × Flow-GRPO (NFE to gain) | seconds to gain +{a['gain']} |",
+            "|---|---|---|---|---|---|---|"]
+    base = methods["Flow-GRPO"]["nfe_to_gain"]
+    reached = lambda v: "not reached" if v is None else f"{v:.0f}"  # noqa: E731
+    for name, r in methods.items():
+        ratio = f"{base / r['nfe_to_gain']:.2f}×" if base and r["nfe_to_gain"] else "-"
+        rows.append(f"| {name} | {r['start']:.4f} | {r['end']:.4f} | {reached(r['nfe_to_target'])} | "
+                    f"{reached(r['nfe_to_gain'])} | {ratio} | {reached(r['seconds_to_gain'])} |")
+    note = (f"{a['prompts']} groups × {a['group']}, {a['steps']} steps, held-out bold-digit reward on "
+            f"{a['eval_prompts']} prompts and seeds every {a['every']} iterations, NFEs interpolated between "
+            "evaluations.")
+    return "\n".join(rows) + "\n\n" + note + " " + _source(data, "python -m benchmarks.efficiency") + "\n"
+
+
 RENDERERS = {"learning-seeds": learning_seeds, "grpo-overhead": grpo_overhead, "grpo-gains": grpo_gains,
              "samplers": samplers, "reno": reno, "rewards": rewards, "demo": demo, "toy-models": toy_models,
-             "overlap": overlap, "processes": processes, "hacking": hacking}
+             "overlap": overlap, "processes": processes, "hacking": hacking, "efficiency": efficiency}
 
 
 def pages() -> list[Path]:
