@@ -52,6 +52,7 @@ BUILTIN: dict[str, str | Callable[..., Reward]] = {
     "hpsv3": "flowalign.rewards.hpsv3:HPSv3",
     "ocr": "flowalign.rewards.ocr:OCRReward",
     "edit/clip-i": "flowalign.rewards.source_similarity:SourceSimilarity",
+    "dinov3": "flowalign.rewards.dinov3:DINOv3Encoder",  # an image encoder (embed_images), not a scorer
     # video
     "video/frames": "flowalign.rewards.video:FrameAggregatedReward",
     "video/temporal": "flowalign.rewards.video:TemporalConsistencyReward",

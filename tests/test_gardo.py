@@ -1,5 +1,6 @@
-"""GARDO: the rank uncertainty, the gate, the risk compensator and the diversity-aware advantage against hand
-computations; the modifier switched off equals plain Flow-GRPO; its state survives a checkpoint."""
+"""GARDO: the rank uncertainty, the gate, the risk compensator, the diversity-aware advantage (on pixels and on an
+encoder's embeddings) and both reset tests against hand computations; the modifier switched off equals plain
+Flow-GRPO; its state survives a checkpoint. The DINOv3 features on a tiny checkpoint: tests/test_gardo_dinov3.py."""
 from __future__ import annotations
 
 import pytest
@@ -8,9 +9,11 @@ import torch
 from flowalign.config import load_config
 from flowalign.modifiers.gardo import (
     GARDOOptions,
+    ResetTest,
     RiskCompensator,
     descending_ranks,
     diversity_advantages,
+    encoder_features,
     gate,
     uncertainty,
 )
@@ -66,6 +69,58 @@ def test_diversity_advantages_by_hand():
     assert adv.tolist() == pytest.approx([-1.0, 0.0, 0.75, 0.0, 0.0], abs=1e-6)
 
 
+def test_diversity_advantages_on_an_encoders_embeddings_by_hand():
+    """An encoder's embeddings (2,0), (0,3), (3,4) are normalised to (1,0), (0,1), (0.6,0.8), the features of the
+    test above: the same advantages (-1, 0, 0.75); taken two images at a time; a NaN embedding counts 0."""
+    embeddings = torch.tensor([[2.0, 0.0], [0.0, 3.0], [3.0, 4.0], [float("nan"), 1.0]])
+    media = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 3, 2, 2)
+    seen = []
+    embed = lambda images: seen.append(len(images)) or embeddings[images[:, 0, 0, 0].long()]  # noqa: E731
+    features = encoder_features(embed, media, chunk=2)
+    assert seen == [2, 2]
+    assert torch.allclose(features, torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8], [0.0, 1.0]]), atol=1e-6)
+    rewards, groups = torch.tensor([1.0, 2.0, 3.0]), torch.zeros(3, dtype=torch.long)
+    adv = diversity_advantages(rewards, groups, features[:3], torch.ones(3, dtype=torch.bool))
+    assert adv.tolist() == pytest.approx([-1.0, 0.0, 0.75], abs=1e-6)
+
+
+def feed(test: ResetTest, steps: list[list[tuple[list[float], list[float]]]]) -> ResetTest:
+    """Micro-batches (per-transition KL, gate) of each optimizer step, then the step's end."""
+    for micro_batches in steps:
+        for kl, flags in micro_batches:
+            test.add(torch.tensor(kl), torch.tensor(flags))
+        test.end_step()
+    return test
+
+
+def test_the_two_reset_tests_by_hand():
+    """Threshold 3e-4 (KLs in units of 1e-4 below).
+    A: one step, micro-batches (4, 4 gated) and (5, 5 not gated): gated KLs 4 and 0, step mean 2; the
+    iteration's mean over gated transitions 4: only ``iteration`` resets.
+    B: step 1 one micro-batch (8 gated, 9 not): 8; step 2 one micro-batch (1, 1, 1 gated): 1; the iteration's
+    mean (8+1+1+1)/4 = 2.75: only ``optimizer_step`` resets (step 1 passed).
+    C: two processes, step means (2, 5) here and (6, 0) there average to (4, 2.5): reset; with (3, 0) there,
+    (2.5, 2.5): none, though this process's step 2 passed alone."""
+    e = 1e-4
+    a = [[([4 * e, 4 * e], [1.0, 1.0]), ([5 * e, 5 * e], [0.0, 0.0])]]
+    b = [[([8 * e, 9 * e], [1.0, 0.0])], [([e, e, e], [1.0, 1.0, 1.0])]]
+    alone = lambda t, how: t  # noqa: E731 - one process: the reduction changes nothing
+    for steps, resets in ((a, {"iteration": True, "optimizer_step": False}),
+                          (b, {"iteration": False, "optimizer_step": True})):
+        for mode, expected in resets.items():
+            assert feed(ResetTest(mode, 3e-4), steps).crossed(alone) is expected, (mode, steps)
+    test = feed(ResetTest("optimizer_step", 3e-4), [[([2 * e], [1.0])], [([5 * e], [1.0])]])
+    assert [round(float(m) / e, 6) for m in test.step_means] == [2.0, 5.0]
+    for other, expected in (([6 * e, 0.0], True), ([3 * e, 0.0], False)):
+        two = lambda t, how, other=other: (t + torch.tensor(other)) / 2 if how == "mean" else None  # noqa: E731
+        assert test.crossed(two) is expected
+    test.clear()
+    assert not test.crossed(alone) and test.step_means == []
+    restored = ResetTest("optimizer_step", 3e-4)
+    restored.load(feed(ResetTest("optimizer_step", 3e-4), b).state())
+    assert restored.crossed(alone)
+
+
 def lora_after(tmp_path, name: str, overrides: list[str], iterations: int = 2) -> dict[str, torch.Tensor]:
     cfg = load_config(CONFIG, [*SMALL, f"train.iterations={iterations}", "train.checkpoint_every=0", *overrides,
                                f"output_dir={tmp_path / name}"])
@@ -115,6 +170,9 @@ def test_a_resumed_run_keeps_the_reference_and_the_gate(tmp_path):
     (["modifiers.kl.beta=0.1"], "modifiers.gardo has its own \\(gated\\) KL: leave modifiers.kl out"),
     (["train.lora_rank=0"], "modifiers.gardo keeps its reference as a LoRA copy"),
     (["modifiers.gardo.gate_fraction=0.5"], "expected gate_min <= gate_fraction <= gate_max"),
+    (["modifiers.gardo.features=toy/nothing"], "modifiers.gardo.features: unknown encoder 'toy/nothing'"),
+    (["modifiers.gardo.features=toy/ink"], "modifiers.gardo.features: reward 'toy/ink' cannot embed images"),
+    (["modifiers.gardo.reset_test=epoch"], "modifiers.gardo.reset_test: expected one of 'iteration', "),
     (["method=dance_grpo", "flow_grpo=null"], "modifiers.gardo \\(GARDO\\) does not combine with method dance_grpo"),
 ])
 def test_bad_gardo_settings_are_one_line_errors(tmp_path, overrides, message):

@@ -121,6 +121,9 @@ class Modifier:
         """``(weighted term added to the loss, {stat name: raw value})`` for a minibatch, or None."""
         return None
 
+    def optimizer_stepped(self, trainer) -> None:
+        """After each optimizer step of the policy (GARDO's per-step reset test)."""
+
 
 def require(condition: bool, message: str) -> None:
     """A cross-field rule: one-line ConfigError when it does not hold."""

@@ -8,27 +8,41 @@ KL on every sample, on Flow-GRPO.
   the samples with ``u >= 0`` those above the ``100(1-κ)`` percentile pay ``β·KL``; a risk compensator moves
   κ (10% to start, 2% to 20%) by ±10% when the mean non-negative ``u`` leaves the range of its last 20 values.
 - **Adaptive reference**: the KL is to a copy of the policy (at the start, the base), reset to the policy at the
-  next iteration once the gated samples' mean KL exceeded ``kl_threshold``, and at the latest every
+  next iteration once the gated samples' mean KL exceeded ``kl_threshold`` (``reset_test: iteration``; the
+  anchor's ``optimizer_step``: an optimizer step's mean micro-batch gated KL did), and at the latest every
   ``reset_every`` iterations.
 - **Diversity-aware advantages**: ``A_i = (R_i - mean_group R)·m_i`` (no std division) with
   ``m_i = d_i / mean_group d`` for samples at or above their group's mean reward (1 otherwise), ``d_i`` the
-  cosine distance to the nearest other sample of the group. Paper-approximate: the features are the samples'
-  centred pixels, where the paper uses DINOv3 ViT-L/16 embeddings.
+  cosine distance to the nearest other sample of the group, by the samples' centred pixels (``features:
+  pixels``, paper-approximate) or an image encoder's embeddings (the paper: ``features: dinov3``, ViT-L/16).
 """
 from __future__ import annotations
 
 import contextlib
+import importlib
+import typing
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
 from .. import rewards as reward_lib
+from ..errors import FlowalignError
 from ..methods import register_modifier
 from ..methods.base import Modifier, require
 from ..samplers.kernels import kl_to_reference, step_mean
 from ..training.shadow import ShadowWeights
 from ..typed import bounded
+from .gardo_maths import (  # noqa: F401 - descending_ranks: part of this module's interface
+    ResetTest,
+    RiskCompensator,
+    descending_ranks,
+    diversity_advantages,
+    encoder_features,
+    gate,
+    pixel_features,
+    uncertainty,
+)
 
 
 @dataclass
@@ -48,11 +62,17 @@ class GARDOOptions:
     gate_window: int = bounded(20, min=1, doc="iterations of mean uncertainty the compensator compares with")
     adaptive_reference: bool = bounded(True, doc="KL to a copy of the policy reset now and then (false: to the "
                                                  "LoRA-off base)")
-    kl_threshold: float = bounded(3e-4, min=0.0, doc="reset the reference after an iteration whose gated samples' "
-                                                     "mean KL exceeded this")
+    kl_threshold: float = bounded(3e-4, min=0.0, doc="reset the reference after an iteration whose gated KL "
+                                                     "exceeded this (as reset_test measures it)")
+    reset_test: Literal["iteration", "optimizer_step"] = bounded(
+        "iteration", doc="the gated KL kl_threshold tests: the mean over the iteration's gated transitions, or "
+        "(the anchor's) each optimizer step's mean over its micro-batches of their gated KL")
     reset_every: int = bounded(15, min=0, doc="reset at the latest after this many iterations (0: only by "
                                               "kl_threshold)")
     diversity: bool = bounded(True, doc="diversity-aware advantages (replacing the method's group z-scores)")
+    features: str = bounded("pixels", doc="what the diversity distances compare: the centred pixels, or the "
+                            "embeddings of a reward that embeds images (options from reward.options; the paper: "
+                            "dinov3)")
 
 
 @register_modifier
@@ -74,6 +94,11 @@ class GARDO(Modifier):
         unknown = [n for n in options.auxiliaries if not known(n)]
         require(not unknown, f"modifiers.gardo.auxiliaries: unknown reward '{unknown[0] if unknown else ''}'")
         require("kl" not in modifiers, "modifiers.gardo has its own (gated) KL: leave modifiers.kl out")
+        if options.features != "pixels":
+            require(known(options.features), f"modifiers.gardo.features: unknown encoder '{options.features}' "
+                    "(expected pixels or a reward that embeds images, e.g. dinov3)")
+            require(embeds_images(options.features), f"modifiers.gardo.features: reward '{options.features}' "
+                    "cannot embed images (expected pixels or a reward with embed_images, e.g. dinov3)")
 
     def setup(self, trainer) -> None:
         options = trainer.cfg.reward.options
@@ -82,16 +107,32 @@ class GARDO(Modifier):
         self.reference = ShadowWeights(trainer.params) if self.options.adaptive_reference else None
         self.compensator = RiskCompensator(self.options)
         self.last_reset, self.resets = 0, 0
-        self.kl_sum = torch.zeros((), device=trainer.acc.device)
-        self.kl_count = torch.zeros((), device=trainer.acc.device)
+        self.reset_test = ResetTest(self.options.reset_test, self.options.kl_threshold, trainer.acc.device)
+        name = self.options.features
+        self.encoder = None if name == "pixels" or not self.options.diversity else \
+            reward_lib.load(name, **options.get(name, {})).to(trainer.acc.device).requires_grad_(False)
+
+    def optimizer_stepped(self, trainer) -> None:
+        """Close the reset test's optimizer step (it counts only with ``reset_test: optimizer_step``)."""
+        if self.options.reset_test == "optimizer_step":
+            self.reset_test.end_step()
 
     # ---------------------------------------------------------------- advantages
 
     def leaf_advantages(self, trainer, batch, rewards, groups, valid):
         if not self.options.diversity:
             return None
-        features, _ = trainer.gathered(pixel_features(batch.media), batch)
+        features, _ = trainer.gathered(self.features(batch.media), batch)
         return diversity_advantages(rewards, groups, features, valid)
+
+    def features(self, media: torch.Tensor) -> torch.Tensor:
+        """What the diversity distances compare, per sample ``[B, D]``, L2-normalised."""
+        if self.encoder is None:
+            return pixel_features(media)
+        if media.ndim != 4 or media.shape[1] != 3:
+            raise FlowalignError(f"modifiers.gardo.features: {self.options.features} embeds images [B,3,H,W], this "
+                                 f"model makes media of shape {tuple(media.shape)} (use features: pixels)")
+        return encoder_features(self.encoder.embed_images, media)
 
     # ---------------------------------------------------------------- the gate and the reference
 
@@ -99,7 +140,7 @@ class GARDO(Modifier):
         if self.reference is not None and self._reset_due(trainer, batch.iteration):
             self.reference.blend(0.0)
             self.last_reset, self.resets = batch.iteration, self.resets + 1
-        self.kl_sum.zero_(), self.kl_count.zero_()
+        self.reset_test.clear()
         leaves = self._gated_leaves(trainer, batch)
         gate = (batch.rollout.transition_leaves & leaves[None, :]).any(dim=1)
         counts = trainer.acc.reduce(torch.stack([gate.sum(), torch.tensor(len(gate), device=gate.device)]).float(),
@@ -109,8 +150,7 @@ class GARDO(Modifier):
 
     def _reset_due(self, trainer, iteration: int) -> bool:
         """The anchor's rule: after an iteration whose KL passed the threshold, or ``reset_every`` without one."""
-        sums = trainer.acc.reduce(torch.stack([self.kl_sum, self.kl_count]), "sum")
-        crossed = bool(sums[1] > 0) and float(sums[0] / sums[1]) > self.options.kl_threshold
+        crossed = self.reset_test.crossed(trainer.acc.reduce)
         forced = self.options.reset_every > 0 and iteration - self.last_reset > self.options.reset_every
         return (iteration != 0 and crossed) or forced
 
@@ -151,9 +191,7 @@ class GARDO(Modifier):
         # the mean over the iteration's gated transitions, as a mean over all of them (the trainer's minibatch
         # and process weighting) of kl·gate / the gated share: the same on any number of processes
         term = (kl * gate).mean() / extras["share"].clamp_min(1e-12)
-        self.kl_sum += (kl.detach() * gate).sum()
-        self.kl_count += gate.sum()
-        gated_kl = (kl.detach() * gate).sum() / gate.sum().clamp_min(1.0)
+        gated_kl = self.reset_test.add(kl, gate)
         return self.options.beta * term, {"kl": gated_kl, "gated": gate.mean(),
                                               "gate_fraction": torch.tensor(self.compensator.fraction),
                                               "reference_resets": torch.tensor(float(self.resets))}
@@ -163,8 +201,7 @@ class GARDO(Modifier):
     def extra_state(self, trainer):
         weights = self.reference.state("gardo.reference.") if self.reference is not None else {}
         values = {"fraction": self.compensator.fraction, "history": list(self.compensator.history),
-                  "last_reset": self.last_reset, "resets": self.resets,
-                  "kl": [float(self.kl_sum), float(self.kl_count)]}
+                  "last_reset": self.last_reset, "resets": self.resets, **self.reset_test.state()}
         return weights, values
 
     def load_extra_state(self, trainer, weights, values) -> None:
@@ -173,81 +210,20 @@ class GARDO(Modifier):
         if values:
             self.compensator.fraction, self.compensator.history = values["fraction"], list(values["history"])
             self.last_reset, self.resets = values["last_reset"], values["resets"]
-            self.kl_sum.fill_(values["kl"][0]), self.kl_count.fill_(values["kl"][1])
+            self.reset_test.load(values)
 
 
-# ---------------------------------------------------------------------------- the maths
+def embeds_images(name: str) -> bool:
+    """Whether the reward ``name`` (known) has ``embed_images``, read from its class without loading it."""
+    from ..rewards.registry import reward_class
 
+    target = reward_class(name)
+    if not isinstance(target, type):  # a factory: the class it names or declares it returns
+        returns = getattr(target, "returns", None)
+        if isinstance(returns, str):
+            module, _, attr = returns.partition(":")
+            target = getattr(importlib.import_module(module), attr)
+        else:
+            target = typing.get_type_hints(target).get("return", target)
+    return hasattr(target, "embed_images")
 
-class RiskCompensator:
-    """κ, the gated share: ×(1+step) when the mean non-negative uncertainty exceeds every one of the last
-    ``window``, ×(1-step) when it is below every one, kept in [gate_min, gate_max]."""
-
-    def __init__(self, options: GARDOOptions):
-        self.options, self.fraction, self.history = options, options.gate_fraction, []
-
-    def update(self, value: float) -> float:
-        o = self.options
-        if self.history and value > max(self.history):
-            self.fraction *= 1 + o.gate_step
-        elif self.history and value < min(self.history):
-            self.fraction *= 1 - o.gate_step
-        self.fraction = min(max(self.fraction, o.gate_min), o.gate_max)
-        self.history = [*self.history, value][-o.gate_window:]
-        return self.fraction
-
-
-def descending_ranks(scores: torch.Tensor) -> torch.Tensor:
-    """1 for the highest score, n for the lowest (ties: the earlier sample first)."""
-    order = torch.argsort(scores, descending=True, stable=True)
-    ranks = torch.empty_like(order)
-    ranks[order] = torch.arange(1, len(scores) + 1, device=scores.device)
-    return ranks.float()
-
-
-def uncertainty(main: torch.Tensor, auxiliaries: torch.Tensor,
-                sign: Literal["proxy_ahead", "auxiliaries_ahead"] = "proxy_ahead") -> torch.Tensor:
-    """``mean_k rank(aux_k) - rank(main)`` over the batch (``proxy_ahead``) or its negation; a sample with a NaN
-    (skipped) reward gets -inf (never gated)."""
-    valid = torch.isfinite(main) & torch.isfinite(auxiliaries).all(dim=0)
-    u = torch.full_like(main, float("-inf"))
-    if bool(valid.any()):
-        aux = torch.stack([descending_ranks(a[valid]) for a in auxiliaries]).mean(dim=0)
-        ahead = aux - descending_ranks(main[valid])
-        u[valid] = ahead if sign == "proxy_ahead" else -ahead
-    return u
-
-
-def gate(u: torch.Tensor, fraction: float) -> torch.Tensor:
-    """The samples above the ``100(1 - fraction)`` percentile (linear interpolation) of the non-negative ``u``."""
-    nonneg = u[u >= 0]
-    if not nonneg.numel():
-        return torch.zeros_like(u, dtype=torch.bool)
-    return u > torch.quantile(nonneg.float(), 1.0 - fraction)
-
-
-def pixel_features(media: torch.Tensor) -> torch.Tensor:
-    """Each sample's pixels, centred and L2-normalised ([B, D]); stands in for the paper's DINOv3 embeddings."""
-    flat = media.detach().float().flatten(1)
-    flat = flat - flat.mean(dim=1, keepdim=True)
-    return flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-12)
-
-
-def diversity_advantages(rewards: torch.Tensor, groups: torch.Tensor, features: torch.Tensor,
-                         valid: torch.Tensor) -> torch.Tensor:
-    """``(R_i - mean_group R)·m_i``; ``m_i = d_i / mean_group d`` where ``R_i >= mean``, else 1; ``d_i`` the
-    cosine distance to the nearest other valid sample of the group. Invalid samples get 0."""
-    adv = torch.zeros_like(rewards)
-    for g in torch.unique(groups[valid]):
-        members = (valid & (groups == g)).nonzero().squeeze(1)
-        centred = rewards[members] - rewards[members].mean()
-        if len(members) < 2:
-            adv[members] = centred
-            continue
-        f = features[members]
-        distance = 1 - (f @ f.T).clamp(-1, 1)
-        distance.fill_diagonal_(float("inf"))
-        nearest = distance.min(dim=1).values
-        multiplier = torch.where(centred >= 0, nearest / nearest.mean().clamp_min(1e-12), torch.ones_like(nearest))
-        adv[members] = centred * multiplier
-    return adv

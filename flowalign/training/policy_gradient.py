@@ -180,6 +180,8 @@ class PolicyGradientTrainer(Trainer):
             for chunk in parts:
                 self._accumulate(batch, chunk, old_logp, stats)
                 grad_norm = self.optimizer_step()
+                for modifier in self.modifiers:
+                    modifier.optimizer_stepped(self)
                 if grad_norm is not None:
                     stats.setdefault("grad_norm", []).append(grad_norm)
         return {**{k: torch.stack(v).float().mean().item() for k, v in stats.items()}, **counts, **balance}
