@@ -148,9 +148,6 @@ def check_engine(engine: str, t) -> None:
     if engine == "DEEPSPEED" and t.checkpoint_every:
         raise ConfigError("train.checkpoint_every: under DeepSpeed each process holds a partition of the optimizer "
                           "that checkpoints cannot gather yet; use FSDP or DDP, or set train.checkpoint_every=0")
-    if engine == "FSDP" and t.ema_decay > 0:
-        raise ConfigError("train.ema_decay: under FSDP each process's EMA would average only its shard of the "
-                          "weights; use DDP, or set train.ema_decay=0")
 
 
 def check_sources(model: str, local_files_only: bool, prompt_sets: Mapping) -> None:

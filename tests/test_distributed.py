@@ -27,6 +27,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from flowalign.training.ema_state import STEP_KEY
+
 REPO = Path(__file__).resolve().parent.parent
 WORKER = REPO / "tests" / "dist_grpo_worker.py"
 ITERATIONS = 2
@@ -200,12 +202,13 @@ def test_a_killed_two_process_run_resumes_to_the_uninterrupted_weights(tmp_path)
     assert '"num_processes": 2' in state
 
 
-def test_the_optimizer_state_is_saved_whole_under_fsdp_and_loads_into_any_layout(tmp_path):
+def test_the_optimizer_state_and_the_ema_are_saved_whole_under_fsdp_and_load_into_any_layout(tmp_path):
     """FSDP2 (``fully_shard``) on two CPU processes: the checkpoint's optimizer state is the whole state (every
-    parameter's full moments, not one process's shard); loaded back into a sharded model it continues exactly as
-    the model that never stopped, and one process loading the same file takes the same step. (accelerate turns
-    an FSDP config into DDP when it runs on the CPU, so the trainer itself runs FSDP only on GPUs; this tests the
-    state functions its checkpoints use.)"""
+    parameter's full moments, not one process's shard), and so is the EMA (diffusers' ``EMAModel`` over the sharded
+    parameters: full shapes, by parameter name, with its step counter); loaded back into a sharded model both
+    continue exactly as the ones that never stopped, and one process loading the same file takes the same step.
+    (accelerate turns an FSDP config into DDP when it runs on the CPU, so the trainer itself runs FSDP only on
+    GPUs; this tests the state functions its checkpoints use.)"""
     worker = REPO / "tests" / "dist_state_worker.py"
     torchrun = Path(sys.executable).with_name("torchrun")
     _run([str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
@@ -215,7 +218,17 @@ def test_the_optimizer_state_is_saved_whole_under_fsdp_and_loads_into_any_layout
     moments = {name: s["exp_avg"].shape for name, s in two["optimizer"]["state"].items()}
     assert moments == {"0.weight": (16, 8), "0.bias": (16,), "2.weight": (4, 16), "2.bias": (4,)}
     assert all(torch.equal(two["uninterrupted"][k], two["resumed"][k]) for k in two["uninterrupted"])
+    shapes = {"0.weight": (16, 8), "0.bias": (16,), "2.weight": (4, 16), "2.bias": (4,)}
+    saved_ema = two["ema"]
+    assert {k: tuple(v.shape) for k, v in saved_ema.items() if k != STEP_KEY} == shapes
+    assert int(saved_ema[STEP_KEY]) == 2  # diffusers' decay warm-up: 0 at step 1, 2/11 at step 2, 3/12 at step 3
+    saved_weights = torch.load(tmp_path / "saved_world2.pt", weights_only=True)["weights"]
+    assert all(not torch.equal(saved_ema[k], saved_weights[k]) for k in shapes)  # the EMA, not the live weights
+    ema = two["uninterrupted_ema"]
+    assert all(torch.equal(ema[k], two["resumed_ema"][k]) for k in shapes)
+    assert all(not torch.equal(ema[k], two["uninterrupted"][k]) for k in shapes)
     _run([sys.executable, str(worker), str(tmp_path), str(tmp_path / "saved_world2.pt")])
     one = torch.load(tmp_path / "world1.pt", weights_only=True)
     assert all(torch.allclose(one["resumed"][k], two["uninterrupted"][k], rtol=1e-4, atol=1e-6)
                for k in two["uninterrupted"])
+    assert all(torch.allclose(one["resumed_ema"][k], ema[k], rtol=1e-4, atol=1e-6) for k in shapes)

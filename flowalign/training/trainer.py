@@ -25,6 +25,7 @@ from ..generators.memory import place_text_encoders
 from ..seeds import derive_seed
 from . import checkpoint as ckpt
 from .batch import IterationBatch
+from .ema_state import ema_swapped_in, full_ema_state, load_full_ema_state
 from .interrupts import stop_at_boundaries
 from .lora import add_lora, load_trainable_state, save_lora_diffusers, trainable_shapes, trainable_state
 from .marble import GradientBalance
@@ -306,10 +307,10 @@ class Trainer:
             raise NonFiniteLoss(f"the weights are not finite after iteration {self.iteration - 1}")
         weights = trainable_state(self.gen.trainable_module, self.lora, self._gathered_state())
         policy_optimizer = full_optimizer_state(self.gen.wrapped_module, self.optimizer)  # a collective
+        ema = full_ema_state(self.gen.wrapped_module, self.params, self.ema) if self.ema else None  # a collective
         extra_weights, extra_optimizers, modifier_values = self._extra_state()
         path = None
         if self.acc.is_main_process:
-            ema = {f"ema.{i}": p for i, p in enumerate(self.ema.shadow_params)} if self.ema else None
             optimizers = {"policy": policy_optimizer, **extra_optimizers}
             state = {"history": self.history, "method": self.cfg.method, "num_processes": self.acc.num_processes,
                      "reward_normalization": self.reward.normalization_state(),
@@ -365,8 +366,7 @@ class Trainer:
                                                          if k not in extra_names}, self.lora)
         load_full_optimizer_state(self.gen.wrapped_module, self.optimizer, optimizers["policy"])
         if self.ema is not None and ema is not None:
-            for i, p in enumerate(self.ema.shadow_params):
-                p.copy_(ema[f"ema.{i}"])
+            load_full_ema_state(self.gen.wrapped_module, self.params, self.ema, ema)
         self.reward.load_normalization_state(state.get("reward_normalization", {}))
         if self.balance is not None:
             self.balance.load_state(state.get("reward_balance") or {})
@@ -380,16 +380,12 @@ class Trainer:
         final = self.out / "final"
         self.acc.wait_for_everyone()
         module = self.gen.trainable_module
-        if self.ema is not None:
-            self.ema.store(self.params)
-            self.ema.copy_to(self.params)
-        state = self._gathered_state()
-        if self.acc.is_main_process:
-            if self.lora:
-                save_lora_diffusers(module, final, state, *self.gen.lora_format)
-            else:
-                module.save_pretrained(final, state_dict=state)
-        if self.ema is not None:
-            self.ema.restore(self.params)
+        with ema_swapped_in(self.ema, self.params):  # on each process's shard; the live weights come back after
+            state = self._gathered_state()
+            if self.acc.is_main_process:
+                if self.lora:
+                    save_lora_diffusers(module, final, state, *self.gen.lora_format)
+                else:
+                    module.save_pretrained(final, state_dict=state)
         self.acc.wait_for_everyone()
         return final
