@@ -61,6 +61,15 @@ def _cmd_generate(args: argparse.Namespace) -> None:
         save_video(media, out, nrow=args.num if len(prompts) > 1 else min(args.num, 10))
         print(f"wrote {len(batch)} clips to {out}")
         return
+    if generator.modality == "audio_video":  # the clips' animation, and a WAV file per soundtrack beside it
+        from .inference import save_video, save_wav
+
+        out = out if out.suffix.lower() in (".gif", ".mp4") else out.with_suffix(".gif")
+        save_video(media.video, out, nrow=args.num if len(prompts) > 1 else min(args.num, 10))
+        paths = save_wav(media.audio, out.with_suffix(".wav"), media.sample_rate)
+        print(f"wrote {len(batch)} clips to {out} and their audio to {paths[0]}"
+              + (f" ... {paths[-1].name}" if len(paths) > 1 else ""))
+        return
     if generator.modality == "audio":  # one 16-bit WAV file per sample
         from .inference import sample_rate_of, save_wav
 

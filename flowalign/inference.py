@@ -6,13 +6,14 @@ from pathlib import Path
 import torch
 
 from .generators.base import Generator
+from .rewards.media import cat_media, pictures
 from .samplers import euler_ode
 
 
 @torch.no_grad()
 def generate(generator: Generator, prompts: list[str] | str, *, steps: int | None = None,
              guidance: float | None = None, seed: int = 0, negative_prompt: str = "",
-             batch_size: int = 250, metadata: list[dict] | None = None) -> torch.Tensor:
+             batch_size: int = 250, metadata: list[dict] | None = None) -> torch.Tensor:  # or AudioVideo
     """Decoded media for ``prompts`` (one sample each; ``metadata`` row for row, e.g. an editing model's source
     image). Sample i's noise depends only on ``seed`` and i, so the same seed gives the same media whatever the
     batch size."""
@@ -29,15 +30,16 @@ def generate(generator: Generator, prompts: list[str] | str, *, steps: int | Non
                                       None if metadata is None else metadata[start:start + batch_size])
         x = euler_ode(lambda x, s: generator.velocity(x, s, cond, guidance), noise[start:start + len(batch)], sigmas)
         out.append(generator.decode(x))
-    return torch.cat(out)
+    return cat_media(out)
 
 
 def save_grid(media: torch.Tensor, path, nrow: int = 10, min_size: int = 64) -> None:
     """Save images ``[B,3,H,W]`` in [0,1] as one PNG grid (small images upscaled, nearest, for viewing);
-    video ``[B,F,3,H,W]`` as one row of frames per clip."""
+    video ``[B,F,3,H,W]`` as one row of frames per clip (audio+video media: their clips)."""
     import torch.nn.functional as F
     from torchvision.utils import save_image
 
+    media = pictures(media)
     if media.ndim == 5:
         media, nrow = media.flatten(0, 1), media.shape[1]
     if media.shape[-1] < min_size:
@@ -53,7 +55,7 @@ def save_video(media: torch.Tensor, path, nrow: int = 8, min_size: int = 64, fps
 
     from .errors import FlowalignError
 
-    path = Path(path)
+    path, media = Path(path), pictures(media)
     if media.shape[-1] < min_size:
         media = F.interpolate(media.flatten(0, 1), scale_factor=min_size // media.shape[-1],
                               mode="nearest").unflatten(0, media.shape[:2])

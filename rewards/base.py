@@ -14,9 +14,11 @@ from torch import nn
 
 from .ensemble import Objective, ensemble_score
 from .errors import RewardError
+from .media import AudioVideo, media_part
 
-Modality = Literal["image", "video", "audio"]
-#: The layout each modality's media has: image [B,3,H,W], video [B,F,3,H,W], audio [B,C,L].
+Modality = Literal["image", "video", "audio", "audio_video"]
+#: The layout each modality's media has: image [B,3,H,W], video [B,F,3,H,W], audio [B,C,L]; ``audio_video``
+#: rewards take ``AudioVideo`` media (a clip and its soundtrack, ``media.py``).
 LAYOUTS = {"image": "BCHW", "video": "BFCHW", "audio": "BCL"}
 
 
@@ -55,8 +57,17 @@ class Reward(nn.Module):
             return None, None
         return param.device, (param.dtype if param.is_floating_point() else None)
 
+    def media_for(self, media):
+        """The part of joint audio+video media this reward scores (its modality's); other media as they are."""
+        return media_part(media, self.modality, self.name)
+
     def check_media(self, media) -> None:
         """One clear line when the media are not what this reward takes (type, layout, channels, range)."""
+        if self.modality == "audio_video":
+            if not isinstance(media, AudioVideo):
+                raise RewardError(f"reward {self.name}: expected audio+video media (AudioVideo), "
+                                  f"got {type(media).__name__}")
+            return
         layout = LAYOUTS.get(self.modality, self.input_spec.layout)
         if not isinstance(media, torch.Tensor):
             raise RewardError(f"reward {self.name}: expected a tensor of {self.modality} media, "
@@ -79,8 +90,9 @@ class Reward(nn.Module):
     def score(self, media: torch.Tensor, prompts: list[str] | None = None,
               metadata: list[dict] | None = None) -> torch.Tensor:
         """Score a batch; gradients flow to ``media`` when the reward is differentiable."""
+        media = self.media_for(media)
         self.check_media(media)
-        n = media.shape[0]
+        n = len(media)
         prompts = list(prompts) if prompts is not None else [""] * n
         metadata = list(metadata) if metadata is not None else [{} for _ in range(n)]
         if len(prompts) != n or len(metadata) != n:
@@ -157,6 +169,7 @@ class PairwiseReward(Reward):
     def win_rates(self, media, prompts=None, metadata=None) -> torch.Tensor:
         """Each sample's win rate against the others of its group: ``[n]``, or ``[n, D]`` for a judge of D
         dimensions (0.5 for a sample alone in its group)."""
+        media = self.media_for(media)
         n = media.shape[0]
         prompts = list(prompts) if prompts is not None else [""] * n
         groups = [m.get("group", 0) for m in metadata] if metadata is not None else [0] * n

@@ -103,6 +103,7 @@ class EmbeddingSetReward(SetReward):
 
     def embed_all(self, media: torch.Tensor) -> torch.Tensor:
         """Embeddings ``[B,D]`` of a whole batch: checked, chunked, with gradients when differentiable."""
+        media = self.media_for(media)
         self.check_media(media)
         device, dtype = self.device_dtype
         device, dtype = device or media.device, dtype or media.dtype

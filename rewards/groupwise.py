@@ -75,6 +75,7 @@ class GroupwiseReward(Reward):
 
     def score(self, media: torch.Tensor, prompts: list[str] | None = None,
               metadata: list[dict] | None = None) -> torch.Tensor:
+        media = self.media_for(media)
         self.check_media(media)
         n = media.shape[0]
         prompts = list(prompts) if prompts is not None else [""] * n

@@ -30,6 +30,7 @@ ADAPTERS: dict[str, str] = {
     "Flux2Pipeline": "flux2:Flux2Generator",  # FLUX.2 [dev]
     "ZImagePipeline": "z_image:ZImageGenerator",
     "HunyuanVideo15Pipeline": "hunyuan_video15:HunyuanVideo15Generator",
+    "LTX2Pipeline": "ltx2:LTX2Generator",  # video with its audio
 }
 
 

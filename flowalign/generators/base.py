@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-Modality = Literal["image", "video", "audio"]
+Modality = Literal["image", "video", "audio", "audio_video"]
 
 
 @dataclass
@@ -94,7 +94,7 @@ class Generator(ABC):
     @abstractmethod
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Latents to media: image ``[B,3,H,W]`` in [0,1], video ``[B,F,3,H,W]`` in [0,1],
-        audio ``[B,C,L]`` in [-1,1]."""
+        audio ``[B,C,L]`` in [-1,1]; ``audio_video``: an ``AudioVideo`` holding a clip and its audio."""
 
     @property
     @abstractmethod

@@ -30,6 +30,7 @@ from .. import rewards as reward_lib
 from ..errors import FlowalignError
 from ..methods import register_modifier
 from ..methods.base import Modifier, require
+from ..rewards.media import pictures
 from ..samplers.kernels import kl_to_reference, step_mean
 from ..training.shadow import ShadowWeights
 from ..typed import bounded
@@ -122,7 +123,7 @@ class GARDO(Modifier):
     def leaf_advantages(self, trainer, batch, rewards, groups, valid):
         if not self.options.diversity:
             return None
-        features, _ = trainer.gathered(self.features(batch.media), batch)
+        features, _ = trainer.gathered(self.features(pictures(batch.media)), batch)
         return diversity_advantages(rewards, groups, features, valid)
 
     def features(self, media: torch.Tensor) -> torch.Tensor:

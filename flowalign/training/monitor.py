@@ -12,6 +12,7 @@ import torch
 
 from .. import rewards as reward_lib
 from ..inference import generate
+from ..rewards.media import pictures
 from .lora import adapters_disabled
 from .report import heldout_prompts
 from .scoring import GuardedEvaluation
@@ -57,7 +58,8 @@ class HackingMonitor:
             if self._base_media is None:
                 with adapters_disabled(self.trainer.gen.trainable_module, True):
                     self._base_media = self._sample()
-            values["monitor/distance_to_base"] = (media.float() - self._base_media.float()).abs().mean().item()
+            values["monitor/distance_to_base"] = (pictures(media).float() - pictures(self._base_media).float()) \
+                .abs().mean().item()
         return values
 
     def check(self, values: dict[str, float], iteration: int) -> str | None:
@@ -103,7 +105,7 @@ def per_prompt_diversity(media: torch.Tensor, per_prompt: int) -> float:
     """The mean over prompts of the Vendi score of their samples' pixels (1: identical samples, k: orthogonal)."""
     from ..rewards.distributional import vendi_score
 
-    flat = media.float().flatten(1)
+    flat = pictures(media).float().flatten(1)
     groups = (flat - flat.mean(dim=1, keepdim=True)).view(-1, per_prompt, flat.shape[1])
     return vendi_score(groups).mean().item()
 

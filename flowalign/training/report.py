@@ -8,6 +8,7 @@ import torch
 
 from ..inference import generate, save_grid
 from ..prompt_sets import PromptSet
+from ..rewards.media import AudioVideo
 
 EVAL_SEED = 10_007  # never a training seed: training draws from (seed, iteration)
 
@@ -29,10 +30,23 @@ def evaluate_policy(gen, reward, prompts, meta, steps: int, guidance: float) -> 
     return media, reward.score(media, prompts, meta)
 
 
+def _save_media(media, stem: Path, sample_rate: int | None) -> None:
+    """Up to 50 images or clips as ``<stem>.png``; audio (or a soundtrack) as a few ``<stem>_*.wav`` to listen to."""
+    from ..inference import save_wav
+
+    if isinstance(media, AudioVideo):
+        save_grid(media.video[:50], stem.with_suffix(".png"))
+        save_wav(media.audio[:8], stem.with_suffix(".wav"), media.sample_rate)
+    elif media.ndim == 3:  # audio [B,C,L]
+        save_wav(media[:8], stem.with_suffix(".wav"), sample_rate or 16_000)
+    else:
+        save_grid(media[:50], stem.with_suffix(".png"))
+
+
 def write_report(out: Path, before: tuple, after: tuple, history: list[dict], extra: dict,
                  sample_rate: int | None = None) -> dict:
-    """``report/{before,after}.png`` (audio: ``before_*.wav`` / ``after_*.wav`` at ``sample_rate``),
-    ``reward_curve.png`` and ``metrics.json``; returns the metrics."""
+    """``report/{before,after}.png`` (audio: ``before_*.wav`` / ``after_*.wav`` at ``sample_rate``; audio+video:
+    both), ``reward_curve.png`` and ``metrics.json``; returns the metrics."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -40,14 +54,8 @@ def write_report(out: Path, before: tuple, after: tuple, history: list[dict], ex
 
     report = out / "report"
     report.mkdir(parents=True, exist_ok=True)
-    if before[0].ndim == 3:  # audio [B,C,L]: a few clips to listen to
-        from ..inference import save_wav
-
-        save_wav(before[0][:8], report / "before.wav", sample_rate or 16_000)
-        save_wav(after[0][:8], report / "after.wav", sample_rate or 16_000)
-    else:
-        save_grid(before[0][:50], report / "before.png")
-        save_grid(after[0][:50], report / "after.png")
+    for name, media in (("before", before[0]), ("after", after[0])):
+        _save_media(media, report / name, sample_rate)
     fig, ax = plt.subplots(figsize=(5, 3))
     ax.plot([h["iteration"] for h in history], [h["reward/mean"] for h in history])
     ax.set_xlabel("iteration")

@@ -19,6 +19,7 @@ import torch
 
 from .. import rewards as reward_lib
 from ..errors import FlowalignError
+from ..rewards.media import cat_media
 from .batch import IterationBatch
 
 
@@ -119,7 +120,7 @@ class OverlappedScoring:
             parts = [future.result() for future in self.futures]
         finally:
             self.pool.shutdown(wait=True, cancel_futures=True)
-        batch.media = torch.cat(self.media)
+        batch.media = cat_media(self.media)
         raw = {name: torch.cat([p[name] for p in parts]) for name in self.trainer.reward.parts}
         batch.rewards = self.trainer.reward.combine(raw, self.trainer.acc.gather)
         batch.reward_parts = raw if all(torch.isfinite(v).all() for v in raw.values()) else {}

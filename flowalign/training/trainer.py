@@ -22,6 +22,7 @@ from ..config import RunConfig
 from ..errors import FlowalignError
 from ..generators import load_generator, toy_world
 from ..generators.memory import place_text_encoders
+from ..rewards.media import AudioVideo, cat_media, pictures
 from ..seeds import derive_seed
 from . import checkpoint as ckpt
 from .batch import IterationBatch
@@ -130,7 +131,7 @@ class Trainer:
     def decode_leaves(self, leaves: torch.Tensor) -> torch.Tensor:
         """Final latents as media (images, clips, audio), ``rollout_batch`` at a time."""
         size = self.t.rollout_batch
-        return torch.cat([self.gen.decode(leaves[i:i + size]) for i in range(0, leaves.shape[0], size)])
+        return cat_media([self.gen.decode(leaves[i:i + size]) for i in range(0, leaves.shape[0], size)])
 
     def decode(self, batch: IterationBatch) -> None:
         batch.media = self.decode_leaves(batch.leaves)
@@ -157,7 +158,9 @@ class Trainer:
     def gathered(self, local: torch.Tensor, batch: IterationBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Every process's values of ``local`` ([L] per leaf) ordered by leaf id, and where this process's
         leaves sit in that order."""
-        all_values, all_ids = self.acc.gather(local.contiguous()), self.acc.gather(batch.leaf_ids.contiguous())
+        gather = lambda t: self.acc.gather(t.contiguous())  # noqa: E731
+        all_values = local.map(gather) if isinstance(local, AudioVideo) else gather(local)
+        all_ids = gather(batch.leaf_ids)
         order = torch.argsort(all_ids)
         return all_values[order], torch.searchsorted(all_ids[order], batch.leaf_ids)
 
@@ -288,11 +291,11 @@ class Trainer:
     def log_samples(self, media: torch.Tensor | None, iteration: int) -> None:
         """A grid of the rollouts of ``iteration`` (sampled before its update) to the trackers (main process);
         video: a row of frames per clip."""
-        if not self.acc.is_main_process or media is None or self.gen.modality not in ("image", "video"):
+        if not self.acc.is_main_process or media is None or self.gen.modality == "audio":
             return
         from torchvision.utils import make_grid
 
-        media, nrow = media[:16].float().cpu(), 8
+        media, nrow = pictures(media)[:16].float().cpu(), 8
         if media.ndim == 5:  # video [B,F,3,H,W]
             media, nrow = media[:8].flatten(0, 1), media.shape[1]
         log_image(self.acc, "samples", make_grid(media, nrow=nrow), iteration)
