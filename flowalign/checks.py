@@ -143,11 +143,13 @@ def check_launch(num_processes: int, cuda: bool, environ: Mapping[str, str] = os
                           f"{why}")
 
 
-def check_engine(engine: str, t) -> None:
-    """What the distributed engine (accelerate's ``DistributedType`` name) cannot do with this run's options."""
-    if engine == "DEEPSPEED" and t.checkpoint_every:
-        raise ConfigError("train.checkpoint_every: under DeepSpeed each process holds a partition of the optimizer "
-                          "that checkpoints cannot gather yet; use FSDP or DDP, or set train.checkpoint_every=0")
+def check_engine(engine: str, t, zero_stage: int | None = None) -> None:
+    """What the distributed engine (accelerate's ``DistributedType`` name; DeepSpeed's ZeRO stage) cannot do with
+    this run's options."""
+    if engine == "DEEPSPEED" and zero_stage not in (1, 2) and t.checkpoint_every:
+        raise ConfigError(f"train.checkpoint_every: checkpoints under DeepSpeed need ZeRO stage 1 or 2, got stage "
+                          f"{zero_stage} (ZeRO-3 partitions the weights too); use ZeRO-2 or FSDP, or set "
+                          "train.checkpoint_every=0")
 
 
 def check_sources(model: str, local_files_only: bool, prompt_sets: Mapping) -> None:

@@ -72,3 +72,19 @@ def test_fsdp_wraps_the_diffusers_blocks(toy_generator):
     assert WanTransformer3DModel._no_split_modules == ["WanTransformerBlock"]
     module = toy_generator.trainable_module  # a tiny SD3 transformer
     assert all(get_module_class_from_name(module, n) is not None for n in module._no_split_modules)
+
+
+def test_deepspeed_checkpoints_need_zero_stage_1_or_2():
+    """ZeRO-1/2 checkpoints gather the partitioned optimizer (tests/test_deepspeed.py); ZeRO-3 also partitions the
+    weights: one line before anything loads."""
+    from types import SimpleNamespace
+
+    from flowalign.checks import check_engine
+    from flowalign.typed import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^train.checkpoint_every: checkpoints under DeepSpeed need ZeRO stage 1 "
+                                          r"or 2, got stage 3"):
+        check_engine("DEEPSPEED", SimpleNamespace(checkpoint_every=5), 3)
+    check_engine("DEEPSPEED", SimpleNamespace(checkpoint_every=0), 3)
+    check_engine("DEEPSPEED", SimpleNamespace(checkpoint_every=5), 2)
+    check_engine("FSDP", SimpleNamespace(checkpoint_every=5))

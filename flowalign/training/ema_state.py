@@ -40,6 +40,11 @@ def ema_swapped_in(ema, params: Sequence[torch.Tensor]) -> Iterator[None]:
                 _local(p).copy_(saved)
 
 
+def _unwrapped_deepspeed(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside a DeepSpeed engine (ZeRO-1/2: whole on every process), so names carry no ``module.``."""
+    return model.module if type(model).__name__ == "DeepSpeedEngine" else model
+
+
 def _buffer_names(model: torch.nn.Module) -> set[str]:
     """The model's buffer names with wrapper prefixes (DDP, FSDP1, activation checkpointing) removed."""
     inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
@@ -51,6 +56,7 @@ def full_ema_state(model: torch.nn.Module, params: Sequence[torch.Tensor], ema) 
     """The EMA of ``params`` (the model's trainable parameters) as full tensors keyed by parameter name, on the
     CPU, plus its step counter; a collective under FSDP (every process calls it; processes other than the first
     may get the counter only)."""
+    model = _unwrapped_deepspeed(model)
     buffers = _buffer_names(model)
     with ema_swapped_in(ema, params):  # copied inside: on the CPU the gathered tensors may be the live ones
         gathered = get_model_state_dict(model, options=StateDictOptions(
@@ -62,7 +68,7 @@ def full_ema_state(model: torch.nn.Module, params: Sequence[torch.Tensor], ema) 
 def load_full_ema_state(model: torch.nn.Module, params: Sequence[torch.Tensor], ema, state: dict) -> None:
     """Load ``full_ema_state``'s dict (every process passes it) into the EMA of ``params`` in this run's layout
     (each process keeps its shard); an older checkpoint's position-keyed ``ema.{i}`` tensors load by position."""
-    weights = {k: v for k, v in state.items() if k != STEP_KEY}
+    weights, model = {k: v for k, v in state.items() if k != STEP_KEY}, _unwrapped_deepspeed(model)
     if STEP_KEY in state:
         ema.optimization_step = int(state[STEP_KEY])
     with torch.no_grad():

@@ -35,6 +35,7 @@ from .prompts import iteration_prompts, local_samples, run_prompt_files
 from .scoring import OverlappedScoring, guarded_scores
 from .state import full_optimizer_state, load_full_optimizer_state
 from .trackers import check_trackers, hyperparameters, init_kwargs, log_image, tracker_names
+from .zero_state import master_weights, partitions_only, set_micro_batch, zero_optimizer
 
 
 class NonFiniteLoss(Exception):
@@ -54,7 +55,7 @@ class Trainer:
         self.acc = accelerator or Accelerator(log_with=tracker_names(t.report_to) or None, project_dir=str(self.out),
                                               **precision)
         check_launch(self.acc.num_processes, torch.cuda.is_available())
-        check_engine(self.acc.distributed_type.name, t)
+        check_engine(self.acc.distributed_type.name, t, getattr(self.acc.state.deepspeed_plugin, "zero_stage", None))
         check_training(cfg, self.acc.num_processes)  # before anything heavy loads
         check_output_dir(cfg.output_dir)
         self.method = methods.build(cfg.method, cfg.options, t, cfg.modifiers)
@@ -97,6 +98,7 @@ class Trainer:
         module.train()
         self.params = [p for p in module.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(self.params, lr=t.lr, betas=(0.9, 0.999), weight_decay=t.weight_decay)
+        set_micro_batch(self.acc, t.train_batch)  # DeepSpeed: one update is one minibatch
         self.gen.wrapped_module, self.optimizer = self.acc.prepare(module, optimizer)
         self.ema = None
         if t.ema_decay > 0:
@@ -335,10 +337,13 @@ class Trainer:
             weights = {**weights, **more}
         return weights, optimizers, values
 
-    def _gathered_state(self) -> dict[str, torch.Tensor] | None:
-        """The full state dict under FSDP / DeepSpeed (a collective); None where the module holds it whole."""
+    def _gathered_state(self, masters: bool = True) -> dict[str, torch.Tensor] | None:
+        """The full state dict under FSDP / DeepSpeed (a collective; ZeRO-1/2: the trained weights' fp32 masters, unless
+        ``masters`` is false: the module's, e.g. with the EMA swapped in); None where the module holds it whole."""
         from accelerate.utils import DistributedType
 
+        if masters and partitions_only(zero_optimizer(self.optimizer)):
+            return {**self.gen.trainable_module.state_dict(), **master_weights(self.gen.wrapped_module)}
         if self.acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
             return self.acc.get_state_dict(self.gen.wrapped_module)
         return None
@@ -367,7 +372,7 @@ class Trainer:
             modifier.load_extra_state(self, weights, state.get("modifiers", {}).get(modifier.name, {}))
         load_trainable_state(self.gen.trainable_module, {k: v.to(self.acc.device) for k, v in weights.items()
                                                          if k not in extra_names}, self.lora)
-        load_full_optimizer_state(self.gen.wrapped_module, self.optimizer, optimizers["policy"])
+        load_full_optimizer_state(self.gen.wrapped_module, self.optimizer, optimizers["policy"], weights)
         if self.ema is not None and ema is not None:
             load_full_ema_state(self.gen.wrapped_module, self.params, self.ema, ema)
         self.reward.load_normalization_state(state.get("reward_normalization", {}))
@@ -384,7 +389,7 @@ class Trainer:
         self.acc.wait_for_everyone()
         module = self.gen.trainable_module
         with ema_swapped_in(self.ema, self.params):  # on each process's shard; the live weights come back after
-            state = self._gathered_state()
+            state = self._gathered_state(masters=self.ema is None)
             if self.acc.is_main_process:
                 if self.lora:
                     save_lora_diffusers(module, final, state, *self.gen.lora_format)
